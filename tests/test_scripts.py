@@ -1,0 +1,145 @@
+"""Both twins end to end, as a user runs them: real MNIST, a few hundred
+training images, one epoch; then reloading, swapping weights between the
+twins, and every kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import common
+from conftest import REPO
+
+TWINS = ["keras", "numpy"]
+SCRIPT = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
+REPORT_KEYS = {"implementation", "dataset", "epochs", "batch_size", "learning_rate",
+               "seed", "train_images", "params", "test_accuracy", "test_loss",
+               "train_seconds", "epoch_seconds", "history"}
+
+
+def run(twin, *args, data_dir):
+    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, SCRIPT[twin], *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(real_data_dir, tmp_path_factory):
+    """One short training run of each twin: {twin: (completed process, out dir)}."""
+    runs = {}
+    for twin in TWINS:
+        out = tmp_path_factory.mktemp(twin)
+        runs[twin] = (run(twin, "--train-limit", 300, "--epochs", 1, "--seed", 3,
+                          "--out", out, data_dir=real_data_dir), out)
+    return runs
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_training_run(trained, twin):
+    proc, out = trained[twin]
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "Total params: 225,034" in proc.stdout
+    assert "Training on 300 MNIST images, validating on 5,000." in proc.stdout
+    assert lines[-1].startswith("Test accuracy: ") and "s/epoch)" in lines[-1]
+    assert proc.stderr.strip() == "", proc.stderr            # a quiet start
+
+    report = json.loads((out / f"{twin}.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["implementation"] == twin and report["dataset"] == "mnist"
+    assert (report["epochs"], report["batch_size"], report["seed"]) == (1, 128, 3)
+    assert report["train_images"] == 300 and report["params"] == 225034
+    assert report["learning_rate"] == 1e-3 and len(report["epoch_seconds"]) == 1
+    assert all(len(v) == 1 for v in report["history"].values())
+    # 300 images and 3 Adam steps: well above chance (10%), far from trained.
+    assert 0.15 < report["test_accuracy"] < 0.95
+    assert f"{100 * report['test_accuracy']:.2f}%" in lines[-1]
+
+    weights = np.load(out / f"{twin}.weights.npz", allow_pickle=False)
+    assert sorted(weights.files) == sorted(
+        f"{layer}/{part}" for layer, s in common.WEIGHT_SHAPES.items() for part in s)
+    for layer, shapes in common.WEIGHT_SHAPES.items():
+        for part, shape in shapes.items():
+            assert weights[f"{layer}/{part}"].shape == shape
+    for fig in ("curves", "predictions", "confusion"):
+        assert (out / f"{twin}_{fig}.png").stat().st_size > 1000
+    assert not list(out.glob("*.part"))
+
+
+def test_same_start_same_batches(trained):
+    """Same seed: both twins start from the same weights and see the same
+    batches, so after 3 steps they are close (dropout masks differ)."""
+    k = json.loads((trained["keras"][1] / "keras.json").read_text())
+    n = json.loads((trained["numpy"][1] / "numpy.json").read_text())
+    assert abs(k["history"]["val_accuracy"][0] - n["history"]["val_accuracy"][0]) < 0.1
+
+
+@pytest.mark.parametrize("loader", TWINS)
+@pytest.mark.parametrize("writer", TWINS)
+def test_reload_and_swap_weights(trained, real_data_dir, tmp_path, writer, loader):
+    """Weights written by either twin, evaluated by either twin: same accuracy."""
+    weights = trained[writer][1] / f"{writer}.weights.npz"
+    proc = run(loader, "--load-weights", weights, "--eval-only", "--no-plots",
+               "--out", tmp_path, data_dir=real_data_dir)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / f"{loader}.eval.json").read_text())
+    original = json.loads((trained[writer][1] / f"{writer}.json").read_text())
+    # float32 rounding may flip a near-tie between two classes on an image
+    # or two of the 10,000; a real mismatch would be far larger.
+    assert abs(report["test_accuracy"] - original["test_accuracy"]) <= 2e-4
+    assert abs(report["test_loss"] - original["test_loss"]) < 1e-4
+    assert report["epochs"] == 0 and not list(tmp_path.glob("*.npz"))
+
+
+def write_npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def bad_weights(tmp_path):
+    good = common.initial_weights(0)
+    wrong_shape = dict(good, **{"conv2/kernel": np.zeros((3, 3, 32, 32), np.float32)})
+    missing = {k: v for k, v in good.items() if k != "dense1/bias"}
+    (tmp_path / "text.npz").write_text("not a weights file")
+    return {
+        "missing_file": (tmp_path / "nope.npz", "Weights file not found"),
+        "not_npz": (tmp_path / "text.npz", "is not a readable .npz file"),
+        "wrong_shape": (write_npz(tmp_path / "shape.npz", **wrong_shape),
+                        "conv2/kernel has shape (3, 3, 32, 32), expected (3, 3, 32, 64)"),
+        "missing_key": (write_npz(tmp_path / "key.npz", **missing),
+                        "no 'dense1/bias' for layer dense1 (expected shape (128,))"),
+    }
+
+
+BAD_FLAGS = [
+    (["--epochs", "0"], "--epochs: must be greater than 0"),
+    (["--batch-size", "-5"], "--batch-size: must be greater than 0"),
+    (["--train-limit", "0"], "--train-limit: must be greater than 0"),
+    (["--lr", "0"], "--lr: must be greater than 0"),
+    (["--lr", "fast"], "--lr: 'fast' is not a number"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--eval-only"], "--eval-only needs --load-weights"),
+]
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_bad_input(twin, real_data_dir, tmp_path):
+    """One clear message, a non-zero exit, no traceback, nothing written."""
+    out = tmp_path / "out"
+    cases = [(flags, msg, 2) for flags, msg in BAD_FLAGS]
+    for path, msg in bad_weights(tmp_path).values():
+        cases.append((["--load-weights", path, "--eval-only"], msg, 1))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases.append((["--out", blocker / "sub", "--epochs", "1"], "Cannot write to --out", 1))
+    for flags, message, code in cases:
+        proc = run(twin, *flags, "--out", out, data_dir=real_data_dir) if "--out" not in flags \
+            else run(twin, *flags, data_dir=real_data_dir)
+        assert proc.returncode == code, (flags, proc.stderr)
+        assert message in proc.stderr, (flags, proc.stderr)
+        assert "Traceback" not in proc.stderr, (flags, proc.stderr)
+        assert not out.exists() or not any(out.iterdir()), flags
