@@ -81,7 +81,7 @@ def build_model(lr=common.DEFAULTS["lr"], dropout=0.5, dtype="float32"):
     ])
     # adam_update; softmax_cross_entropy (the loss and its gradient p - y)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
-                  loss="sparse_categorical_crossentropy",
+                  loss=keras.losses.SparseCategoricalCrossentropy(dtype=dtype),
                   metrics=["accuracy"])
     return model
 

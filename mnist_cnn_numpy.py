@@ -65,7 +65,8 @@ def conv2d_forward(x, kernel, bias):
     windows = sliding_window_view(x, (K, K), axis=(1, 2))    # (N, H', W', C, K, K)
     windows = windows.transpose(0, 1, 2, 4, 5, 3)             # (N, H', W', K, K, C)
     cols = windows.reshape(N * Ho * Wo, K * K * C)            # (N*H'*W', K*K*C)
-    out = cols @ kernel.reshape(K * K * C, F) + bias          # (N*H'*W', F)
+    out = cols @ kernel.reshape(K * K * C, F)                 # (N*H'*W', F)
+    out += bias                                               # in place: no copy
     return out.reshape(N, Ho, Wo, F), (x.shape, cols, kernel)  # (N, H', W', F)
 
 
@@ -153,45 +154,52 @@ def relu_backward(dout, out):
 # --- MaxPooling2D --------------------------------------------------------------
 
 def maxpool2d_forward(x, pool=2):
-    """Max over each non-overlapping pool x pool window (stride = pool).
+    """Max over each non-overlapping 2 x 2 window (stride 2).
 
-    x: (N, H, W, C)  ->  out: (N, H', W', C),  H' = H // pool, W' = W // pool
+    x: (N, H, W, C)  ->  out: (N, H', W', C),  H' = H // 2, W' = W // 2
     (an odd last row or column is dropped, as Keras's "valid" padding does).
-    The trick: a reshape turns the image into windows without copying,
-    (N, H', pool, W', pool, C); the max over the two pool axes is the output.
-    The cache keeps only *which* of the pool*pool positions won (one small
-    integer per output), not a mask the size of the input.
+    The trick: the four positions of every window are four strided views of
+    x (no copies): top-left x[:, 0::2, 0::2], top-right x[:, 0::2, 1::2], and
+    so on. The output is the elementwise max of the four views.
+    The cache keeps only *which* position won, as one small integer per
+    output (0 1 / 2 3 in reading order), not a mask the size of the input.
+    Only pool = 2 (this network's) has a fast version; the naive reference
+    below takes any size.
     """
+    if pool != 2:
+        raise ValueError("the fast max-pool is written for 2 x 2 windows")
     N, H, W, C = x.shape
-    Ho, Wo = H // pool, W // pool
-    x = x[:, :Ho * pool, :Wo * pool, :]                       # crop odd edges
-    windows = x.reshape(N, Ho, pool, Wo, pool, C)             # (N, H', p, W', p, C)
-    # Put each window's pool*pool values last, in row-major order.
-    windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(N, Ho, Wo, C, pool * pool)
-    winner = windows.argmax(axis=-1)                          # (N, H', W', C)
-    out = np.take_along_axis(windows, winner[..., None], axis=-1)[..., 0]
-    return out, ((N, H, W, C), winner.astype(np.uint8), pool)
+    Ho, Wo = H // 2, W // 2
+    tl, tr = x[:, 0:2 * Ho:2, 0:2 * Wo:2], x[:, 0:2 * Ho:2, 1:2 * Wo:2]  # (N, H', W', C)
+    bl, br = x[:, 1:2 * Ho:2, 0:2 * Wo:2], x[:, 1:2 * Ho:2, 1:2 * Wo:2]
+    top, bottom = np.maximum(tl, tr), np.maximum(bl, br)
+    out = np.maximum(top, bottom)                             # (N, H', W', C)
+    # The winner, with ties going to the first maximum in reading order:
+    # the bottom row only if it is strictly larger, then within the chosen
+    # row the right column only if it is strictly larger.
+    down = bottom > top
+    right = np.where(down, br > bl, tr > tl)
+    winner = 2 * down.view(np.uint8) + right.view(np.uint8)  # (N, H', W', C) in 0..3
+    return out, (x.shape, winner)
 
 
 def maxpool2d_backward(dout, cache):
     """Route each output's gradient to the one input that was the maximum.
 
     The max is a switch: only the winning input affects the output, so it
-    gets all of dout and the other inputs of the window get 0. With a tie
-    (two equal maxima, common after ReLU zeros) the gradient goes to the
-    *first* maximum in row-major order, as argmax picks it, which is also
-    what TensorFlow does; splitting it would be a different (sub)gradient.
+    gets all of dout and the other three inputs of the window get 0. With a
+    tie (equal maxima: common, as ReLU makes many zeros and blank regions
+    give equal values) the gradient goes to the *first* maximum in reading
+    order, which is also what TensorFlow does. Splitting it among the tied
+    inputs would be another valid subgradient, but not Keras's.
     dout: (N, H', W', C)  ->  dx: (N, H, W, C)
     """
-    (N, H, W, C), winner, pool = cache
+    x_shape, winner = cache
     Ho, Wo = dout.shape[1:3]
-    dwindows = np.zeros((N, Ho, Wo, C, pool * pool), dtype=dout.dtype)
-    np.put_along_axis(dwindows, winner[..., None].astype(np.intp),
-                      dout[..., None], axis=-1)               # (N, H', W', C, p*p)
-    dwindows = dwindows.reshape(N, Ho, Wo, C, pool, pool).transpose(0, 1, 4, 2, 5, 3)
-    dx = np.zeros((N, H, W, C), dtype=dout.dtype)
-    dx[:, :Ho * pool, :Wo * pool, :] = dwindows.reshape(N, Ho * pool, Wo * pool, C)
-    return dx                                                 # (N, H, W, C)
+    dx = np.zeros(x_shape, dtype=dout.dtype)                  # (N, H, W, C)
+    for k, (a, b) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        dx[:, a:2 * Ho:2, b:2 * Wo:2] = dout * (winner == k)  # one view per position
+    return dx
 
 
 def maxpool2d_forward_naive(x, pool=2):

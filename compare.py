@@ -1,0 +1,171 @@
+"""Compare the twins: their results side by side, or the proof in lockstep.
+
+    python compare.py                 # table of results/keras.json vs results/numpy.json
+                                      # and a figure of both training curves
+    python compare.py --lockstep 20   # train both twins from the same weights on
+                                      # the same batches, printing both losses
+                                      # at every step (needs TensorFlow)
+
+The table needs only the two results files (no TensorFlow): run
+`python mnist_cnn_keras.py` and `python mnist_cnn_numpy.py` first.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import common
+import data_utils
+
+ROWS = [  # (label, how to show a report's value)
+    ("Test accuracy", lambda r: f"{100 * r['test_accuracy']:.2f}%"),
+    ("Test loss", lambda r: f"{r['test_loss']:.4f}"),
+    ("Train time", lambda r: f"{r['train_seconds']:.1f} s"),
+    ("Time per epoch", lambda r: f"{r['train_seconds'] / max(r['epochs'], 1):.1f} s"),
+    ("Parameters", lambda r: f"{r['params']:,}"),
+    ("Epochs", lambda r: str(r["epochs"])),
+    ("Batch size", lambda r: str(r["batch_size"])),
+    ("Training images", lambda r: f"{r['train_images']:,}"),
+    ("Dataset", lambda r: r["dataset"]),
+    ("Seed", lambda r: str(r["seed"])),
+]
+
+
+def read_reports(folder):
+    reports = {}
+    for twin, script in (("keras", "mnist_cnn_keras.py"), ("numpy", "mnist_cnn_numpy.py")):
+        path = Path(folder) / f"{twin}.json"
+        try:
+            reports[twin] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise common.UserError(f"{path} is missing: run `python {script}` first "
+                                   f"(with --out {folder} if you changed it).") from None
+        except (OSError, ValueError) as e:
+            raise common.UserError(f"{path} is not a readable results file ({e}).") from None
+    return reports
+
+
+def table(reports):
+    k, n = reports["keras"], reports["numpy"]
+    lines = [f"{'':<16} {'Keras':>12} {'NumPy':>12}"]
+    lines += [f"{label:<16} {show(k):>12} {show(n):>12}" for label, show in ROWS]
+    ratio = (n["train_seconds"] / max(n["epochs"], 1)) / max(k["train_seconds"] / max(k["epochs"], 1), 1e-9)
+    lines.append(f"{'NumPy / Keras':<16} {'':>12} {ratio:>11.2f}x  (time per epoch)")
+    return "\n".join(lines)
+
+
+def curves_figure(reports, path):
+    import plots
+    plt = plots.plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for twin, style in (("keras", "-"), ("numpy", "--")):
+            h = reports[twin]["history"]
+            epochs = np.arange(1, len(h[key]) + 1)
+            ax.plot(epochs, h[key], "o" + style, label=f"{twin} training")
+            ax.plot(epochs, h["val_" + key], "s" + style, label=f"{twin} validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("The twins' training curves")
+    plots._save(fig, path)
+
+
+def keras_loss_and_grads(model, x, y):
+    """Keras's loss (mean cross-entropy) and gradients for one batch, dropout
+    off, in the model's dtype. Run as a TensorFlow graph, as in model.fit:
+    there Keras computes the loss from the logits under the softmax, exactly
+    as the NumPy twin does."""
+    import tensorflow as tf
+
+    if not hasattr(model, "_loss_and_grads"):
+        @tf.function
+        def loss_and_grads(x, y):
+            with tf.GradientTape() as tape:
+                probs = model(x, training=False)
+                loss = model.loss(y, probs)
+            return probs, loss, tape.gradient(loss, model.trainable_variables)
+        model._loss_and_grads = loss_and_grads
+    probs, loss, grads = model._loss_and_grads(x, y)
+    return probs.numpy(), float(loss), [g.numpy() for g in grads]
+
+
+def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed):
+    """Train both models step by step on the same batches; return the losses.
+
+    Each step: Keras's train_on_batch (forward, loss, gradients, Adam) and
+    the NumPy twin's loss_and_grads + Adam, on the same batch. Returns a list
+    of (keras loss, numpy loss), each computed before that step's update.
+    """
+    import mnist_cnn_numpy as nt
+    optimizer = nt.Adam(float(keras_model.optimizer.learning_rate.numpy()))
+    rng = common.random_streams(seed)["batches"]
+    losses = []
+    while len(losses) < steps:
+        for xb, yb in data_utils.iterate_minibatches(x, y, batch_size, rng):
+            # The loss that train_on_batch reports passes through a float32
+            # running mean, so Keras's loss is taken in the model's own dtype
+            # first; the step itself is Keras's ordinary training step.
+            k_loss = keras_loss_and_grads(keras_model, xb, yb)[1]
+            keras_model.train_on_batch(xb, yb)
+            n_loss, _ = numpy_model.loss_and_grads(xb, yb, training=True)
+            nt.adam_step(numpy_model, optimizer)
+            losses.append((float(k_loss), float(n_loss)))
+            if len(losses) == steps:
+                break
+    return losses
+
+
+def run_lockstep(args):
+    import mnist_cnn_keras as kt
+    import mnist_cnn_numpy as nt
+    dtype = "float64" if args.float64 else "float32"
+    (x, y), _ = data_utils.load_dataset("mnist", args.data_dir)
+    x, y = x[:args.steps * args.batch_size], y[:args.steps * args.batch_size]
+    keras_model = kt.build_model(dropout=0.0, dtype=dtype)
+    kt.set_weights(keras_model, common.initial_weights(args.seed, dtype))
+    numpy_model = nt.Model(args.seed, dropout=0.0, dtype=dtype)
+    print(f"Both twins: the same starting weights (seed {args.seed}), {dtype}, "
+          f"dropout off, the same {args.steps} batches of {args.batch_size}.\n")
+    print(f"{'step':>4}  {'Keras loss':>20}  {'NumPy loss':>20}  {'difference':>10}")
+    losses = lockstep(keras_model, numpy_model, x.astype(dtype), y, args.steps,
+                      args.batch_size, args.seed)
+    for i, (k, n) in enumerate(losses, start=1):
+        print(f"{i:>4}  {k:>20.15f}  {n:>20.15f}  {abs(k - n):>10.1e}")
+    kw, nw = kt.get_weights(keras_model), numpy_model.get_weights()
+    worst = max(kw, key=lambda key: np.max(np.abs(kw[key] - nw[key])))
+    print(f"\nLargest weight difference after {args.steps} steps: "
+          f"{np.max(np.abs(kw[worst] - nw[worst])):.1e} (in {worst}; its largest "
+          f"weight is {np.max(np.abs(kw[worst])):.2f})")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results", default=common.DEFAULTS["out"], metavar="DIR",
+                   help="folder with keras.json and numpy.json")
+    p.add_argument("--lockstep", dest="steps", type=common._positive(int), metavar="STEPS",
+                   help="instead: train both twins for STEPS steps in lockstep")
+    p.add_argument("--float64", action="store_true", help="lockstep in float64")
+    p.add_argument("--batch-size", type=common._positive(int), default=64,
+                   help="lockstep batch size")
+    p.add_argument("--seed", type=int, default=0, help="lockstep seed")
+    p.add_argument("--data-dir", default=None, help="data folder (lockstep)")
+    args = p.parse_args(argv)
+    if args.steps:
+        return run_lockstep(args)
+    reports = read_reports(args.results)
+    print(table(reports))
+    figure = Path(args.results) / "compare_curves.png"
+    curves_figure(reports, figure)
+    print(f"\nWrote {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run(main)
