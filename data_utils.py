@@ -477,8 +477,11 @@ def load_dataset(name="mnist", data_dir=None, progress=True):
         if len(images) != len(labels):
             raise DataError(f"{name} {split}: {len(images):,} images but "
                             f"{len(labels):,} labels.")
-        # uint8 0..255 -> float32 0..1, plus a channel axis: (N, 28, 28, 1)
-        x = (images.astype(np.float32) / np.float32(255.0))[..., None]
+        # uint8 0..255 -> float32 0..1, plus a channel axis: (N, 28, 28, 1).
+        # Divided in place, so only one float32 copy of the images exists.
+        x = images.astype(np.float32)
+        x /= np.float32(255.0)
+        x = x[..., None]
         out.append((x, labels.copy()))
     return tuple(out)
 

@@ -79,7 +79,7 @@ def conv2d_backward(dout, cache, need_dx=True):
     product, so the chain rule gives
         dkernel2d = cols.T @ dout2d      (each weight saw every window)
         dbias     = sum of dout over N, H', W'
-        dcols     = dout2d @ kernel2d.T
+        dcols     = dout2d @ kernel2d.T  (each window's share of dx)
     and dx is dcols folded back ("col2im"): each input pixel sat in up to
     K*K windows, so it collects the gradient from each of them.
     The first layer skips dx (need_dx=False): nothing before it learns.
@@ -90,17 +90,21 @@ def conv2d_backward(dout, cache, need_dx=True):
     Ho, Wo = H - K + 1, W - K + 1
     dout2d = dout.reshape(-1, F)                              # (N*H'*W', F)
     dkernel = (cols.T @ dout2d).reshape(K, K, C, F)           # (K, K, C, F)
-    dbias = dout2d.sum(axis=0)                                # (F,)
+    # A sum over rows is a product with a vector of ones; as a matrix
+    # product it runs in BLAS on every core, several times faster than sum().
+    dbias = np.ones(len(dout2d), dout.dtype) @ dout2d         # (F,)
     if not need_dx:
         return None, dkernel, dbias
-    dcols = dout2d @ kernel.reshape(K * K * C, F).T           # (N*H'*W', K*K*C)
-    dcols = dcols.reshape(N, Ho, Wo, K, K, C)
+    # col2im, one kernel offset (a, b) at a time: the columns of dcols for
+    # offset (a, b) are dout2d @ kernel[a, b].T, and they belong to the input
+    # pixels x[:, a:a+H', b:b+W', :]. Nine matrix products, each giving a
+    # ready (N, H', W', C) block to add, are faster than one big dcols whose
+    # pieces are scattered in memory.
+    kernel_t = np.ascontiguousarray(kernel.transpose(0, 1, 3, 2))  # (K, K, F, C)
     dx = np.zeros(x_shape, dtype=dout.dtype)                  # (N, H, W, C)
-    # col2im: one vectorised add per kernel offset (a, b), K*K = 9 in all;
-    # offset (a, b) of every window lands on x[:, a:a+H', b:b+W', :].
     for a in range(K):
         for b in range(K):
-            dx[:, a:a + Ho, b:b + Wo, :] += dcols[:, :, :, a, b, :]
+            dx[:, a:a + Ho, b:b + Wo, :] += (dout2d @ kernel_t[a, b]).reshape(N, Ho, Wo, C)
     return dx, dkernel, dbias
 
 
@@ -178,7 +182,7 @@ def maxpool2d_forward(x, pool=2):
     # the bottom row only if it is strictly larger, then within the chosen
     # row the right column only if it is strictly larger.
     down = bottom > top
-    right = np.where(down, br > bl, tr > tl)
+    right = (down & (br > bl)) | (~down & (tr > tl))          # (np.where is slower here)
     winner = 2 * down.view(np.uint8) + right.view(np.uint8)  # (N, H', W', C) in 0..3
     return out, (x.shape, winner)
 
@@ -486,12 +490,12 @@ class Model:
             dout = layer.backward(dout)
         return loss, probs
 
-    def predict(self, x, batch_size=1000):
+    def predict(self, x, batch_size=256):
         """Class probabilities, a batch at a time (bounded memory)."""
         return np.concatenate([softmax(self.logits(x[i:i + batch_size]))
                                for i in range(0, len(x), batch_size)])
 
-    def evaluate(self, x, y, batch_size=1000):
+    def evaluate(self, x, y, batch_size=256):
         """(mean loss, accuracy, probs) over all of x, a batch at a time."""
         loss_sum, probs = 0.0, []
         for i in range(0, len(x), batch_size):
