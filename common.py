@@ -245,11 +245,12 @@ def make_report(implementation, args, train_images, test_accuracy, test_loss,
 
 def summary_line(report):
     """The last line both twins print, in one fixed format."""
-    epochs = max(report["epochs"], 1)
-    return (f"Test accuracy: {100 * report['test_accuracy']:.2f}%   "
-            f"Test loss: {report['test_loss']:.4f}   "
-            f"Train time: {report['train_seconds']:.1f} s "
-            f"({report['train_seconds'] / epochs:.1f} s/epoch)")
+    line = (f"Test accuracy: {100 * report['test_accuracy']:.2f}%   "
+            f"Test loss: {report['test_loss']:.4f}   ")
+    if not report["epochs"]:
+        return line + "Train time: none (evaluation only)"
+    return line + (f"Train time: {report['train_seconds']:.1f} s "
+                   f"({report['train_seconds'] / report['epochs']:.1f} s/epoch)")
 
 
 # ---------------------------------------------------------------------------

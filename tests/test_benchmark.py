@@ -1,0 +1,55 @@
+"""The benchmark and compare.py still work (the full benchmark is run by hand)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+import compare
+
+
+def test_benchmark_quick(real_data_dir, tmp_path):
+    env = dict(os.environ, MNIST_DATA_DIR=str(real_data_dir))
+    proc = subprocess.run([sys.executable, "benchmarks/benchmark.py", "--quick", "--out", tmp_path],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "NumPy / Keras time per epoch:" in proc.stdout
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    for twin in ("keras", "numpy"):
+        r = results[twin]
+        assert r["seconds_per_epoch"] > 0 and r["peak_memory_mb"] > 50
+        assert r["images_per_second"] * r["seconds_per_epoch"] == results["settings"]["train_images"] == 300
+        assert 0 < r["test_accuracy"] <= 1
+    assert results["ratio_numpy_over_keras"] == (results["numpy"]["seconds_per_epoch"]
+                                                 / results["keras"]["seconds_per_epoch"])
+    assert results["matmul_gflops"]["square 2048"] > 1
+    assert 0 < results["numpy_fraction_of_matmul_peak"] < 1
+
+
+def report(twin, accuracy, seconds):
+    return {"implementation": twin, "dataset": "mnist", "epochs": 2, "batch_size": 128,
+            "learning_rate": 1e-3, "seed": 0, "train_images": 55000, "params": 225034,
+            "test_accuracy": accuracy, "test_loss": 0.03, "train_seconds": seconds,
+            "epoch_seconds": [seconds / 2] * 2,
+            "history": {k: [0.5, 0.6] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}}
+
+
+def test_compare_table_and_figure(tmp_path, capsys):
+    (tmp_path / "keras.json").write_text(json.dumps(report("keras", 0.9912, 20.0)))
+    (tmp_path / "numpy.json").write_text(json.dumps(report("numpy", 0.9905, 30.0)))
+    assert compare.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Test accuracy          99.12%       99.05%" in out
+    assert "Time per epoch         10.0 s       15.0 s" in out
+    assert "1.50x" in out
+    assert (tmp_path / "compare_curves.png").stat().st_size > 1000
+
+
+def test_compare_says_which_script_to_run(tmp_path):
+    (tmp_path / "keras.json").write_text(json.dumps(report("keras", 0.99, 20.0)))
+    proc = subprocess.run([sys.executable, "compare.py", "--results", tmp_path], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "numpy.json is missing: run `python mnist_cnn_numpy.py` first" in proc.stderr
