@@ -37,6 +37,9 @@ LAYERS = [
     ("dense2", "Dense(10, softmax)", (10,)),
 ]
 
+# The layers whose outputs the feature-map figure shows.
+FEATURE_LAYERS = ("conv1", "pool1", "conv2", "pool2")
+
 # The shapes of the weights, in Keras's layouts: a conv kernel is
 # (kernel height, kernel width, input channels, filters), a dense kernel is
 # (inputs, units). 320 + 18,496 + 204,928 + 1,290 = 225,034 parameters.
@@ -97,6 +100,9 @@ def parse_args(description, argv=None):
                    help="with --load-weights: only evaluate on the test set")
     p.add_argument("--no-plots", action="store_true",
                    help="do not draw the figures")
+    p.add_argument("--predict", nargs="+", metavar="IMAGE",
+                   help="classify your own PNG/JPEG images: after training, or "
+                        "instead of it with --load-weights")
     args = p.parse_args(argv)
     if args.eval_only and not args.load_weights:
         p.error("--eval-only needs --load-weights PATH (there is nothing "

@@ -28,6 +28,7 @@ import numpy as np                                          # noqa: E402
 
 import common                                               # noqa: E402
 import data_utils                                           # noqa: E402
+import own_digits                                           # noqa: E402
 
 
 def import_keras():
@@ -137,6 +138,20 @@ def evaluate(model, x, y, batch_size=1000):
     return loss, accuracy, probs
 
 
+def feature_maps(model, image):
+    """The outputs of the conv and pool layers for one image, for the figure."""
+    out, maps = image[None], []
+    for layer in model.layers:
+        out = layer(out)
+        if layer.name in common.FEATURE_LAYERS:
+            maps.append((layer.name, np.asarray(out[0])))
+    return maps
+
+
+def predict_probs(model, x):
+    return model.predict(x, batch_size=256, verbose=0)
+
+
 # =============================================================================
 # main
 # =============================================================================
@@ -151,9 +166,16 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
 
+    spec = data_utils.DATASETS[args.dataset]
+    title = f"Keras twin, {spec['title']}"
+    if args.predict and args.load_weights:       # only classify the user's images
+        model = build_model(args.lr)
+        set_weights(model, start_weights)
+        return own_digits.report(args.predict, lambda x: predict_probs(model, x),
+                                 spec["classes"], out, "keras", title)
+
     # Data: the same arrays, split and batches as the NumPy twin.
     train_set, val_set, (x_test, y_test) = common.load_splits(args)
-    spec = data_utils.DATASETS[args.dataset]
 
     # Model: Keras would draw its own random starting weights; we set the
     # shared ones instead, so both twins start from the very same numbers.
@@ -183,10 +205,14 @@ def main(argv=None):
     if not args.no_plots:
         import plots
         written += plots.all_figures("keras", out, report["history"], x_test,
-                                     y_test, probs, spec["classes"],
-                                     f"Keras twin, {spec['title']}")
+                                     y_test, probs, spec["classes"], title,
+                                     model.get_layer("conv1").get_weights()[0],
+                                     feature_maps(model, x_test[0]))
     print("Wrote " + ", ".join(str(p) for p in written))
     print(common.summary_line(report))
+    if args.predict:
+        return own_digits.report(args.predict, lambda x: predict_probs(model, x),
+                                 spec["classes"], out, "keras", title)
     return 0
 
 

@@ -38,6 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import common
 import data_utils
+import own_digits
 
 
 # =============================================================================
@@ -506,6 +507,15 @@ class Model:
         probs = np.concatenate(probs)
         return loss_sum / len(x), float((probs.argmax(axis=1) == y).mean()), probs
 
+    def feature_maps(self, image):
+        """The outputs of the conv and pool layers for one image, for the figure."""
+        out, maps = image[None].astype(self.dtype), []
+        for layer in self.layers:
+            out = layer.forward(out)
+            if layer.name in common.FEATURE_LAYERS:
+                maps.append((layer.name, out[0]))
+        return maps
+
     def summary(self):
         """The same table as Keras's model.summary()."""
         rows = [("Layer (type)", "Output Shape", "Param #")]
@@ -662,9 +672,16 @@ def main(argv=None):
     start_weights = (common.load_weights(args.load_weights) if args.load_weights
                      else common.initial_weights(args.seed))
 
+    spec = data_utils.DATASETS[args.dataset]
+    title = f"NumPy twin, {spec['title']}"
+    if args.predict and args.load_weights:       # only classify the user's images
+        model = Model(args.seed)
+        model.set_weights(start_weights)
+        return own_digits.report(args.predict, model.predict, spec["classes"],
+                                 out, "numpy", title)
+
     # Data: the same arrays, split and batches as the Keras twin.
     train_set, val_set, (x_test, y_test) = common.load_splits(args)
-    spec = data_utils.DATASETS[args.dataset]
 
     # Model: the shared starting weights (or a weights file of either twin).
     model = Model(args.seed)
@@ -692,10 +709,14 @@ def main(argv=None):
     if not args.no_plots:
         import plots
         written += plots.all_figures("numpy", out, report["history"], x_test,
-                                     y_test, probs, spec["classes"],
-                                     f"NumPy twin, {spec['title']}")
+                                     y_test, probs, spec["classes"], title,
+                                     model.layers[0].kernel,
+                                     model.feature_maps(x_test[0]))
     print("Wrote " + ", ".join(str(p) for p in written))
     print(common.summary_line(report))
+    if args.predict:
+        return own_digits.report(args.predict, model.predict, spec["classes"],
+                                 out, "numpy", title)
     return 0
 
 

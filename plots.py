@@ -98,8 +98,95 @@ def confusion_figure(labels, probs, class_names, title, path):
     _save(fig, path)
 
 
-def all_figures(prefix, out, history, x_test, y_test, probs, class_names, title):
-    """Draw every figure for one run; return the paths written."""
+def filters_figure(kernel, title, path):
+    """The first conv layer's filters, kernel (3, 3, 1, F), one small image each.
+
+    Blue weights pull the filter's output down, red push it up; a filter
+    with red above blue responds to the top edge of a stroke, and so on.
+    """
+    F = kernel.shape[-1]
+    cols = 8
+    rows = int(np.ceil(F / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2))
+    limit = np.abs(kernel).max()
+    for f, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if f < F:
+            ax.imshow(kernel[:, :, 0, f], cmap="bwr", vmin=-limit, vmax=limit)
+            ax.set_title(str(f), fontsize=7)
+    fig.suptitle(f"{title}: first-layer filters (3x3; red +, blue -)")
+    _save(fig, path)
+
+
+def feature_maps_figure(image, activations, title, path, channels=12):
+    """One test image and what each conv/pool layer makes of it.
+
+    activations: [(layer name, array (H, W, C)), ...]. Shows the first
+    `channels` channels of each layer, one row per layer.
+    """
+    fig, axes = plt.subplots(len(activations), channels + 1,
+                             figsize=((channels + 1) * 0.9, len(activations) * 1.05))
+    for row, (name, maps) in zip(axes, activations):
+        for ax in row:
+            ax.axis("off")
+        row[0].imshow(image.squeeze(), cmap="gray_r")
+        row[0].set_title("input" if name == activations[0][0] else "", fontsize=7)
+        row[1].set_title(f"{name} {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}",
+                         fontsize=7, loc="left")
+        for c, ax in enumerate(row[1:]):
+            ax.imshow(maps[:, :, c], cmap="viridis")
+    fig.suptitle(f"{title}: feature maps of one test image (first {channels} channels)")
+    _save(fig, path)
+
+
+def confident_mistakes_figure(images, labels, probs, class_names, title, path, n=16):
+    """The test images the model gets wrong with the highest confidence."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:n]
+    cols = 8
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.9), squeeze=False)
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, i in zip(np.ravel(axes), wrong):
+        ax.imshow(images[i].squeeze(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"{class_names[predicted[i]]} {100 * probs[i, predicted[i]]:.0f}%\n"
+                     f"true: {class_names[labels[i]]}", fontsize=8, color="red")
+    if not len(wrong):
+        np.ravel(axes)[0].set_title("no mistakes", fontsize=9)
+    fig.suptitle(f"{title}: the most confident mistakes")
+    _save(fig, path)
+
+
+def own_images_figure(inputs, names, probs, class_names, title, path):
+    """Each prepared input (as the network sees it) beside its probabilities."""
+    rows = len(inputs)
+    fig, axes = plt.subplots(rows, 2, figsize=(7, 1.7 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.5]})
+    for (ax_img, ax_bar), image, name, p in zip(axes, inputs, names, probs):
+        ax_img.imshow(image.squeeze(), cmap="gray_r", vmin=0, vmax=1)
+        ax_img.set_xticks([])
+        ax_img.set_yticks([])
+        ax_img.set_title(name.split("/")[-1], fontsize=8)
+        colours = ["tab:red" if k == p.argmax() else "tab:gray" for k in range(len(p))]
+        ax_bar.bar(range(len(p)), p, color=colours)
+        ax_bar.set_xticks(range(len(p)), class_names, fontsize=7,
+                          rotation=45 if max(map(len, class_names)) > 2 else 0)
+        ax_bar.set_ylim(0, 1)
+        ax_bar.set_ylabel("probability", fontsize=8)
+    fig.suptitle(f"{title}: your images, as the network sees them")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def all_figures(prefix, out, history, x_test, y_test, probs, class_names, title,
+                kernel1, activations):
+    """Draw every figure for one run; return the paths written.
+
+    kernel1: the first conv layer's kernel; activations: the feature maps of
+    x_test[0], [(layer name, (H, W, C)), ...], computed by the twin itself.
+    """
     paths = []
     if history["loss"]:
         paths.append(out / f"{prefix}_curves.png")
@@ -108,4 +195,10 @@ def all_figures(prefix, out, history, x_test, y_test, probs, class_names, title)
     prediction_grid(x_test, y_test, probs, class_names, title, paths[-1])
     paths.append(out / f"{prefix}_confusion.png")
     confusion_figure(y_test, probs, class_names, title, paths[-1])
+    paths.append(out / f"{prefix}_filters.png")
+    filters_figure(kernel1, title, paths[-1])
+    paths.append(out / f"{prefix}_feature_maps.png")
+    feature_maps_figure(x_test[0], activations, title, paths[-1])
+    paths.append(out / f"{prefix}_mistakes.png")
+    confident_mistakes_figure(x_test, y_test, probs, class_names, title, paths[-1])
     return paths

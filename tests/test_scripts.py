@@ -4,6 +4,7 @@ twins, and every kind of bad input."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,11 +30,18 @@ def run(twin, *args, data_dir):
 @pytest.fixture(scope="module")
 def trained(real_data_dir, tmp_path_factory):
     """One short training run of each twin: {twin: (completed process, out dir)}."""
+    import data_utils
+    from PIL import Image
+
+    # An image of a digit for --predict: a test digit, white on black, enlarged.
+    _, (x_test, _) = data_utils.load_dataset("mnist", real_data_dir, progress=False)
+    digit = tmp_path_factory.mktemp("images") / "digit.png"
+    Image.fromarray((x_test[0, :, :, 0] * 255).astype(np.uint8)).resize((112, 112)).save(digit)
     runs = {}
     for twin in TWINS:
         out = tmp_path_factory.mktemp(twin)
         runs[twin] = (run(twin, "--train-limit", 300, "--epochs", 1, "--seed", 3,
-                          "--out", out, data_dir=real_data_dir), out)
+                          "--out", out, "--predict", digit, data_dir=real_data_dir), out)
     return runs
 
 
@@ -44,7 +52,12 @@ def test_training_run(trained, twin):
     lines = proc.stdout.strip().splitlines()
     assert "Total params: 225,034" in proc.stdout
     assert "Training on 300 MNIST images, validating on 5,000." in proc.stdout
-    assert lines[-1].startswith("Test accuracy: ") and "s/epoch)" in lines[-1]
+    # After training, --predict: one line per image with the top 3 classes.
+    assert re.fullmatch(r".*digit\.png: \d \(\d+\.\d%\), \d \(\d+\.\d%\), \d \(\d+\.\d%\)",
+                        lines[-2]), lines[-2]
+    assert lines[-1].endswith(f"{twin}_own_images.png")
+    summary = lines[-3]
+    assert summary.startswith("Test accuracy: ") and "s/epoch)" in summary
     assert proc.stderr.strip() == "", proc.stderr            # a quiet start
 
     report = json.loads((out / f"{twin}.json").read_text())
@@ -56,7 +69,7 @@ def test_training_run(trained, twin):
     assert all(len(v) == 1 for v in report["history"].values())
     # 300 images and 3 Adam steps: well above chance (10%), far from trained.
     assert 0.15 < report["test_accuracy"] < 0.95
-    assert f"{100 * report['test_accuracy']:.2f}%" in lines[-1]
+    assert f"{100 * report['test_accuracy']:.2f}%" in summary
 
     weights = np.load(out / f"{twin}.weights.npz", allow_pickle=False)
     assert sorted(weights.files) == sorted(
@@ -64,7 +77,8 @@ def test_training_run(trained, twin):
     for layer, shapes in common.WEIGHT_SHAPES.items():
         for part, shape in shapes.items():
             assert weights[f"{layer}/{part}"].shape == shape
-    for fig in ("curves", "predictions", "confusion"):
+    for fig in ("curves", "predictions", "confusion", "filters", "feature_maps", "mistakes",
+                "own_images"):
         assert (out / f"{twin}_{fig}.png").stat().st_size > 1000
     assert not list(out.glob("*.part"))
 

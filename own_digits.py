@@ -1,0 +1,138 @@
+"""Your own handwriting: turn a PNG or JPEG into MNIST-style input.
+
+Both twins' `--predict IMAGE ...` use this module, so a drawing is prepared
+the same way for both. The steps are the ones used to make MNIST itself:
+
+1. grayscale, scaled to [0, 1];
+2. ink must be bright on dark, as in MNIST: dark ink on light paper is
+   inverted (told apart by the border, which is mostly paper);
+3. crop to the ink;
+4. scale the digit to fit a 20 x 20 box, keeping its aspect ratio;
+5. place it in a 28 x 28 image so that its centre of mass is at the centre
+   (pixel (14, 14), as in MNIST).
+
+Needs NumPy and Pillow (which matplotlib already installs); never TensorFlow.
+"""
+
+import sys
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 50_000_000           # a 50-megapixel photo is plenty for one digit
+INK = 0.2                         # after inversion, a pixel above this is ink
+
+
+class ImageError(Exception):
+    """A file that cannot be turned into a digit; the message says why."""
+
+
+def load_gray(path):
+    """Read an image file as a float array in [0, 1], shape (height, width)."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"image is {img.width} x {img.height} pixels, more than "
+                                 f"{MAX_PIXELS // 1_000_000} million; scale it down first")
+            if img.mode in ("RGBA", "LA", "P"):
+                # Transparent areas become white paper, not black.
+                rgba = img.convert("RGBA")
+                paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(paper, rgba)
+            gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image that can be read (PNG or JPEG expected)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read the image ({e})") from None
+    return gray
+
+
+def to_mnist(gray):
+    """Turn a grayscale image in [0, 1] into one MNIST-style input, (28, 28, 1)."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 0.5:                     # light paper: make the ink bright
+        gray = 1.0 - gray
+    # Stretch the contrast so that faint pencil and grey paper still work.
+    low, high = np.percentile(gray, 1), gray.max()
+    if high - low < 0.1:
+        raise ImageError("blank image: no ink found")
+    gray = np.clip((gray - low) / (high - low), 0.0, 1.0)
+    rows, cols = np.nonzero(gray > INK)
+    if len(rows) == 0:
+        raise ImageError("blank image: no ink found")
+    digit = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]   # crop to the ink
+
+    # Longest side to 20 pixels, the other in proportion (at least 1).
+    h, w = digit.shape
+    scale = 20.0 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))          # PIL: (width, height)
+    small = Image.fromarray((digit * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
+    small = np.asarray(small, dtype=np.float32) / 255.0
+
+    # Centre of mass to the centre of the 28 x 28 frame: pixel (14, 14),
+    # where MNIST's digits have theirs (measured: 14.0 +- 0.3 on both axes).
+    canvas = np.zeros((28, 28), np.float32)
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    total = canvas.sum()
+    ys, xs = np.indices(canvas.shape)
+    dy = int(round(14 - (ys * canvas).sum() / total))
+    dx = int(round(14 - (xs * canvas).sum() / total))
+    canvas = shift(canvas, dy, dx)
+    return np.clip(canvas, 0.0, 1.0)[..., None]
+
+
+def shift(image, dy, dx):
+    """Move an image by (dy, dx) pixels, filling with zeros (no wrap-around)."""
+    out = np.zeros_like(image)
+    h, w = image.shape
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def prepare(paths):
+    """Load and prepare every file: (inputs (M, 28, 28, 1), names, errors).
+
+    A file that fails does not stop the others; errors maps its name to why.
+    """
+    inputs, names, errors = [], [], {}
+    for path in paths:
+        try:
+            inputs.append(to_mnist(load_gray(path)))
+            names.append(str(path))
+        except ImageError as e:
+            errors[str(path)] = str(e)
+    stacked = np.stack(inputs) if inputs else np.zeros((0, 28, 28, 1), np.float32)
+    return stacked, names, errors
+
+
+def top3(name, probs, class_names):
+    """One line per file: `digit.png: 7 (98.1%), 1 (1.2%), 9 (0.3%)`."""
+    best = np.argsort(probs)[::-1][:3]
+    return f"{name}: " + ", ".join(f"{class_names[k]} ({100 * probs[k]:.1f}%)" for k in best)
+
+
+def report(paths, predict, class_names, out, prefix, title):
+    """Prepare, predict, print and draw; return the exit status (1 if any failed).
+
+    predict: a function from inputs (M, 28, 28, 1) to probabilities (M, 10),
+    so each twin passes its own model.
+    """
+    import plots
+
+    inputs, names, errors = prepare(paths)
+    probs = predict(inputs) if len(inputs) else np.zeros((0, len(class_names)))
+    done = dict(zip(names, probs))
+    for path in map(str, paths):                        # in the order given
+        if path in done:
+            print(top3(path, done[path], class_names))
+        else:
+            print(f"Error: {path}: {errors[path]}", file=sys.stderr)
+    if len(inputs):
+        figure = out / f"{prefix}_own_images.png"
+        plots.own_images_figure(inputs, names, probs, class_names, title, figure)
+        print(f"Wrote {figure}")
+    return 1 if errors else 0
