@@ -12,7 +12,6 @@ The table needs only the two results files (no TensorFlow): run
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,8 @@ def table(reports):
     k, n = reports["keras"], reports["numpy"]
     lines = [f"{'':<16} {'Keras':>12} {'NumPy':>12}"]
     lines += [f"{label:<16} {show(k):>12} {show(n):>12}" for label, show in ROWS]
-    ratio = (n["train_seconds"] / max(n["epochs"], 1)) / max(k["train_seconds"] / max(k["epochs"], 1), 1e-9)
+    per_epoch = {t: r["train_seconds"] / max(r["epochs"], 1) for t, r in reports.items()}
+    ratio = per_epoch["numpy"] / max(per_epoch["keras"], 1e-9)
     lines.append(f"{'NumPy / Keras':<16} {'':>12} {ratio:>11.2f}x  (time per epoch)")
     return "\n".join(lines)
 

@@ -108,24 +108,53 @@ def get_weights(model):
 # =============================================================================
 # Train
 # =============================================================================
+class SharedBatches(keras.utils.PyDataset):
+    """The training batches, in the NumPy twin's order.
+
+    The permutation of every epoch comes from data_utils and the seed, drawn
+    up front; Keras asks for batch i of the current epoch, which EpochClock
+    keeps up to date.
+    """
+
+    def __init__(self, x, y, batch_size, orders):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.orders = x, y, batch_size, orders
+        self.epoch = 0
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)      # the last batch may be smaller
+
+    def __getitem__(self, i):
+        idx = self.orders[self.epoch][i * self.batch_size:(i + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Tells the batches which epoch it is, and times each epoch."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches, self.seconds = batches, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):          # after validation
+        self.seconds.append(time.perf_counter() - self.start)
+
+
 def train(model, train_set, val_set, args):
-    """model.fit, one epoch at a time, on the batch order shared with the
-    NumPy twin: each epoch's permutation comes from data_utils and the seed,
-    and fit is told not to shuffle again."""
+    """model.fit on the batch order shared with the NumPy twin."""
     (x, y), rng = train_set, common.random_streams(args.seed)["batches"]
-    history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
-    epoch_seconds = []
-    verbose = 1 if sys.stdout.isatty() else 2      # a bar, or a line per epoch
-    for epoch in range(args.epochs):
-        order = data_utils.epoch_order(len(x), rng)
-        start = time.perf_counter()
-        fit = model.fit(x[order], y[order], batch_size=args.batch_size,
-                        epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
-                        validation_data=val_set, verbose=verbose)
-        epoch_seconds.append(time.perf_counter() - start)
-        for key in history:
-            history[key] += fit.history[key]
-    return history, epoch_seconds
+    orders = [data_utils.epoch_order(len(x), rng) for _ in range(args.epochs)]
+    batches = SharedBatches(x, y, args.batch_size, orders)
+    clock = EpochClock(batches)
+    fit = model.fit(batches, epochs=args.epochs, validation_data=val_set,
+                    shuffle=False, callbacks=[clock],
+                    verbose=1 if sys.stdout.isatty() else 2)   # a bar, or a line per epoch
+    history = {k: fit.history[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    return history, clock.seconds
 
 
 # =============================================================================

@@ -103,15 +103,16 @@ def filters_figure(kernel, title, path):
 
     Blue weights pull the filter's output down, red push it up; a filter
     with red above blue responds to the top edge of a stroke, and so on.
+    Each filter gets its own colour scale, so that faint ones show too.
     """
     F = kernel.shape[-1]
     cols = 8
     rows = int(np.ceil(F / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2))
-    limit = np.abs(kernel).max()
     for f, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if f < F:
+            limit = np.abs(kernel[:, :, 0, f]).max() or 1.0
             ax.imshow(kernel[:, :, 0, f], cmap="bwr", vmin=-limit, vmax=limit)
             ax.set_title(str(f), fontsize=7)
     fig.suptitle(f"{title}: first-layer filters (3x3; red +, blue -)")

@@ -150,10 +150,12 @@ def main(argv=None):
 
     k, n = results["keras"], results["numpy"]
     print(f"\n{'':<24} {'Keras':>10} {'NumPy':>10}")
-    print(f"{'Seconds per epoch':<24} {k['seconds_per_epoch']:>10.2f} {n['seconds_per_epoch']:>10.2f}")
-    print(f"{'Training images / s':<24} {k['images_per_second']:>10.0f} {n['images_per_second']:>10.0f}")
-    print(f"{'Peak memory (MB)':<24} {k['peak_memory_mb']:>10.0f} {n['peak_memory_mb']:>10.0f}")
-    print(f"{'Test accuracy':<24} {100 * k['test_accuracy']:>9.2f}% {100 * n['test_accuracy']:>9.2f}%")
+    for label, key, fmt in (("Seconds per epoch", "seconds_per_epoch", "{:>10.2f}"),
+                            ("Training images / s", "images_per_second", "{:>10.0f}"),
+                            ("Peak memory (MB)", "peak_memory_mb", "{:>10.0f}")):
+        print(f"{label:<24} " + fmt.format(k[key]) + " " + fmt.format(n[key]))
+    print(f"{'Test accuracy':<24} {100 * k['test_accuracy']:>9.2f}% "
+          f"{100 * n['test_accuracy']:>9.2f}%")
     print(f"\nNumPy / Keras time per epoch: {ratio:.2f}x "
           f"({images:,} training images, {args.epochs - 1} timed epochs x {args.rounds} runs each)")
     print("Matmul rate (float32, NumPy): " +

@@ -147,7 +147,8 @@ def test_bad_answer_then_next_mirror(tiny, server, tmp_path, monkeypatch, bad_ac
     assert [p.name for p in (tmp_path / "tiny").iterdir()] == []
 
 
-def test_every_mirror_fails_gives_one_clear_message(tiny, server, refused_url, tmp_path, monkeypatch):
+def test_every_mirror_fails_gives_one_clear_message(tiny, server, refused_url, tmp_path,
+                                                    monkeypatch):
     monkeypatch.setenv("MNIST_MIRRORS", f"{server.url}missing/,{refused_url}")
     with pytest.raises(DataError) as err:
         data_utils.load_dataset("tiny", tmp_path, progress=False)

@@ -272,14 +272,15 @@ def test_adam_keeps_float32():
 
 def test_model_shapes_params_and_dtype():
     model = nn.Model(seed=0)
-    assert sum(l.kernel.size + l.bias.size for l in model.trainable()) == common.PARAMS == 225034
+    params = sum(layer.kernel.size + layer.bias.size for layer in model.trainable())
+    assert params == common.PARAMS == 225034
     x = RNG.random((2, 28, 28, 1)).astype(np.float32)
     out = x
     for layer, (name, _, shape) in zip(model.layers, common.LAYERS):
         out = layer.forward(out)
         assert layer.name == name and out.shape == (2,) + shape and out.dtype == np.float32
     loss, probs = model.loss_and_grads(x, np.array([0, 1]))
-    assert all(l.dkernel.dtype == np.float32 for l in model.trainable())
+    assert all(layer.dkernel.dtype == np.float32 for layer in model.trainable())
 
 
 def test_initial_weights_are_glorot_uniform():
@@ -288,7 +289,8 @@ def test_initial_weights_are_glorot_uniform():
         fan_in, fan_out = (9 * 32, 9 * 64) if key.startswith("conv") else shape
         limit = np.sqrt(6 / (fan_in + fan_out))
         assert w[key].shape == shape and np.abs(w[key]).max() <= limit
-        assert abs(w[key].std() - limit / np.sqrt(3)) < 0.02 * limit     # U(-a, a) has std a/sqrt(3)
+        # U(-a, a) has standard deviation a / sqrt(3)
+        assert abs(w[key].std() - limit / np.sqrt(3)) < 0.02 * limit
     assert not w["dense2/bias"].any()
     assert np.array_equal(w["conv1/kernel"], common.initial_weights(0)["conv1/kernel"])
     assert not np.array_equal(w["conv1/kernel"], common.initial_weights(1)["conv1/kernel"])

@@ -48,8 +48,10 @@ def test_rendered_mnist_digits_come_back(mnist_test, model, tmp_path):
     for i in range(40):
         scale = int(rng.integers(3, 12))
         canvas = (int(rng.integers(28 * scale + 20, 900)), int(rng.integers(28 * scale + 20, 700)))
-        at = (int(rng.integers(0, canvas[0] - 28 * scale)), int(rng.integers(0, canvas[1] - 28 * scale)))
-        page = render(x_test[i], scale, canvas, at, invert=bool(i % 4))   # 1 in 4 stays white-on-black
+        at = (int(rng.integers(0, canvas[0] - 28 * scale)),
+              int(rng.integers(0, canvas[1] - 28 * scale)))
+        # Dark ink on light paper, but 1 in 4 stays white on black.
+        page = render(x_test[i], scale, canvas, at, invert=bool(i % 4))
         path = tmp_path / (f"d{i}.png" if i % 2 else f"d{i}.jpg")
         page.save(path)
         paths.append(path)

@@ -142,3 +142,31 @@ def test_cross_evaluation(mnist, tmp_path):
         agree = float((k_probs.argmax(1) == n_probs.argmax(1)).mean())
         assert agree >= 0.999, f"the twins disagree on {1 - agree:.2%} of test images"
         assert abs(k_acc - n_acc) <= 1e-3
+
+
+def test_keras_fit_trains_on_the_shared_batches(monkeypatch):
+    """model.fit in the Keras twin asks for exactly the NumPy twin's batches,
+    epoch after epoch, in order (beyond a first look at two batches that
+    Keras takes to learn their shapes)."""
+    import argparse
+
+    calls = []
+    original = kt.SharedBatches.__getitem__
+
+    def recording(self, i):
+        xb, yb = original(self, i)
+        calls.append((self.epoch, i, yb.tolist()))
+        return xb, yb
+
+    monkeypatch.setattr(kt.SharedBatches, "__getitem__", recording)
+    x = np.random.default_rng(0).random((50, 28, 28, 1), dtype=np.float32)
+    y = np.arange(50) % 10
+    args = argparse.Namespace(seed=3, epochs=3, batch_size=16)
+    history, seconds = kt.train(kt.build_model(), (x, y), (x[:10], y[:10]), args)
+    assert len(seconds) == 3 and len(history["val_loss"]) == 3
+
+    rng = common.random_streams(3)["batches"]
+    expected = [(e, i, yb.tolist()) for e in range(3)
+                for i, (_, yb) in enumerate(data_utils.iterate_minibatches(x, y, 16, rng))]
+    assert calls[:2] == expected[:2]                  # Keras's look at the shapes
+    assert calls[2:] == expected
