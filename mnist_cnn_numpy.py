@@ -1,6 +1,6 @@
 """The same small convolutional network, from scratch in NumPy: the twin.
 
-    python mnist_cnn_numpy.py                 # train 12 epochs, about 99.1%
+    python mnist_cnn_numpy.py                 # train 12 epochs, about 99.2%
     python mnist_cnn_numpy.py --help          # the same flags as the Keras twin
 
 Every layer of mnist_cnn_keras.py, rebuilt as arithmetic: a forward pass, a
@@ -39,6 +39,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 import common
 import data_utils
 import own_digits
+
+
+# =============================================================================
+# Data
+# =============================================================================
+# Both twins get their data through common.load_splits (from data_utils): the
+# same arrays, the same 5,000 validation images, and, in Train below, the same
+# batches in the same order for the same seed.
 
 
 # =============================================================================
@@ -663,7 +671,13 @@ def train(model, train_set, val_set, args):
 
 
 # =============================================================================
-# Evaluate / Report / main: the same steps and files as the Keras twin
+# Evaluate and report: Model.evaluate, Model.predict and Model.feature_maps
+# (above) run the network in batches; the files are the Keras twin's.
+# =============================================================================
+
+
+# =============================================================================
+# main
 # =============================================================================
 
 def main(argv=None):
