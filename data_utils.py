@@ -203,8 +203,8 @@ def read_verified(path, sha256, raw_size):
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}).") from None
     if len(data) != raw_size:
-        raise DataError(f"{path}: wrong size: {len(data):,} bytes unpacked"
-                        f"{'+' if len(data) > raw_size else ''}, "
+        raise DataError(f"{path}: wrong size: {len(data):,}"
+                        f"{'+' if len(data) > raw_size else ''} bytes of content, "
                         f"expected {raw_size:,}.")
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
