@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -270,15 +269,6 @@ def load_splits(args):
     if args.train_limit:
         train = (train[0][:args.train_limit], train[1][:args.train_limit])
     return train, val, test
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
 
 
 def run(main):
