@@ -30,11 +30,16 @@ numpy.weights.npz (the weights, loadable by either twin) and the figures.
 # =============================================================================
 # Setup
 # =============================================================================
+import copy
+import ctypes
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import ThreadpoolController
 
 import common
 import data_utils
@@ -293,13 +298,17 @@ def dense_backward_naive(dout, x, kernel):
 
 # --- Dropout -----------------------------------------------------------------
 
-def dropout_forward(x, rate, rng):
+def dropout_mask(shape, rate, rng, dtype):
     """Inverted dropout, as Keras does it: at training time each unit is
     kept with probability 1 - rate and scaled by 1 / (1 - rate), so the
     expected value is unchanged and inference needs no rescaling at all.
-    (Short enough to be its own reference.)"""
-    scale = np.asarray(1.0 / (1.0 - rate), dtype=x.dtype)
-    mask = (rng.random(x.shape, dtype=x.dtype) >= rate) * scale   # (N, U)
+    The mask holds 0 for a dropped unit and 1 / (1 - rate) for a kept one."""
+    scale = np.asarray(1.0 / (1.0 - rate), dtype=dtype)
+    return (rng.random(shape, dtype=dtype) >= rate) * scale    # (N, U)
+
+
+def dropout_forward(x, mask):
+    """out = x * mask. (Short enough to be its own reference.)"""
     return x * mask, mask
 
 
@@ -334,17 +343,18 @@ def softmax_cross_entropy(logits, labels):
     return loss, np.exp(z - log_sum[:, None])                 # probs (N, 10)
 
 
-def softmax_cross_entropy_backward(probs, labels):
+def softmax_cross_entropy_backward(probs, labels, batch_size=None):
     """dlogits = (p - y) / N, y the one-hot labels.
 
     Why so simple: for one example, loss = -z_y + log sum_k exp(z_k), so
     dloss/dz_k = -[k == y] + exp(z_k) / sum_j exp(z_j) = p_k - y_k. The
     softmax's own complicated Jacobian cancels against the log. The 1/N is
-    from averaging the loss over the batch.
+    from averaging the loss over the batch; when probs and labels are one
+    slice of a batch, batch_size gives the whole batch's N.
     """
     dlogits = probs.copy()                                    # (N, 10)
     dlogits[np.arange(len(labels)), labels] -= 1
-    return dlogits / len(labels)
+    return dlogits / (batch_size or len(labels))
 
 
 def softmax_cross_entropy_naive(logits, labels):
@@ -432,25 +442,104 @@ class Dense:
 
 
 class Dropout:
+    """At training time the mask of the whole batch is drawn first (by
+    Model.loss_and_grads, with draw_mask) and each slice of the batch gets its
+    rows as batch_mask: the random numbers do not depend on how the batch is
+    split across threads."""
+
     def __init__(self, rate, rng, name=None):
         self.rate, self.rng, self.name = rate, rng, name
+        self.batch_mask = None
+
+    def draw_mask(self, shape, dtype):
+        return dropout_mask(shape, self.rate, self.rng, dtype)
 
     def forward(self, x, training=False):
         if not training or self.rate == 0:
             self.mask = None
             return x                                   # identity at inference
-        out, self.mask = dropout_forward(x, self.rate, self.rng)
+        if self.batch_mask is None:                    # used on its own
+            self.batch_mask = self.draw_mask(x.shape, x.dtype)
+        out, self.mask = dropout_forward(x, self.batch_mask)
+        self.batch_mask = None                         # one mask, one batch
         return out
 
     def backward(self, dout):
         return dout if self.mask is None else dropout_backward(dout, self.mask)
 
 
-class Model:
-    """The twins' network, layer by layer as in mnist_cnn_keras.build_model."""
+def forward(layers, x, dtype, training=False):
+    """Run x through the layers in order: (N, 28, 28, 1) -> logits (N, 10)."""
+    out = x.astype(dtype, copy=False)
+    for layer in layers:
+        out = layer.forward(out, training)
+    return out
 
-    def __init__(self, seed=0, dropout=0.5, dtype=np.float32):
+
+# Threads (see Model.on_slices). A slice of fewer examples than this is not
+# worth a thread of its own.
+MIN_SLICE = 16
+_POOL = {}
+_BLAS = None
+
+
+def _pool(threads):
+    """One pool of worker threads per size, started once and reused."""
+    if threads not in _POOL:
+        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="slice")
+    return _POOL[threads]
+
+
+def _blas_threads(limit):
+    """A `with` block in which BLAS (NumPy's matrix products) uses at most
+    `limit` threads. threadpoolctl finds the BLAS library NumPy loaded."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=limit, user_api="blas")
+
+
+def keep_freed_memory():
+    """Memory reuse across batches.
+
+    Every training step makes the same big arrays again (im2col matrices,
+    feature maps and their gradients, tens of MB for a batch of 128) and
+    drops them when the step ends. By default the C allocator that NumPy uses
+    (glibc's malloc) hands blocks this large back to the operating system
+    when they are freed, so the next step must get fresh ones: the OS then
+    zero-fills every new page on first touch, one page fault at a time. On
+    the machine the README's numbers come from, that was about a quarter of a
+    training step. Raising two of glibc's thresholds makes it keep freed
+    memory for the next batch instead. Only glibc (Linux) has mallopt;
+    elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):             # another C library
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # from glibc's malloc.h
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)   # blocks up to 32 MB come from the reusable heap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)    # and free heap memory is kept (up to 1 GB)
+
+
+def cores():
+    """The CPU cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class Model:
+    """The twins' network, layer by layer as in mnist_cnn_keras.build_model.
+
+    threads: how many slices a batch is cut into (default: one per core).
+    """
+
+    def __init__(self, seed=0, dropout=0.5, dtype=np.float32, threads=None):
         self.dtype = np.dtype(dtype)
+        self.threads = threads or cores()
         rng = common.random_streams(seed)["dropout"]
         self.layers = [
             Conv2D(32, 3, activation="relu", name="conv1", input_channels=1),
@@ -463,6 +552,7 @@ class Model:
             Dense(10, activation="softmax", name="dense2", input_dim=128),
         ]
         self.layers[0].first = True
+        self.dropout = self.layers[6]
         self.set_weights(common.initial_weights(seed, self.dtype))
 
     def trainable(self):
@@ -483,21 +573,63 @@ class Model:
 
     def logits(self, x, training=False):
         """The forward pass up to the last Dense layer's output z, (N, 10)."""
-        out = x.astype(self.dtype, copy=False)
-        for layer in self.layers:
-            out = layer.forward(out, training)
-        return out
+        return np.concatenate(self.on_slices(
+            len(x), lambda layers, rows: forward(layers, x[rows], self.dtype)))
 
     def loss_and_grads(self, x, y, training=True):
         """Forward, loss, then backward through every layer in reverse.
 
-        Returns (loss, probs); each layer keeps its dkernel and dbias.
+        Returns (loss, probs) of the batch; each layer with weights keeps the
+        batch's dkernel and dbias. The batch is cut into one slice per core
+        (see on_slices): the loss is a mean over examples, so the batch's
+        gradient is the sum of the slices' gradients when each slice divides
+        by the whole batch's N.
         """
-        loss, probs = softmax_cross_entropy(self.logits(x, training), y)
-        dout = softmax_cross_entropy_backward(probs, y)        # (N, 10)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return loss, probs
+        n = len(x)
+        d = self.layers.index(self.dropout)
+        mask = (self.dropout.draw_mask((n,) + common.LAYERS[d][2], self.dtype)
+                if training and self.dropout.rate > 0 else None)   # (N, 128)
+
+        def work(layers, rows):
+            if mask is not None:
+                layers[d].batch_mask = mask[rows]
+            logits = forward(layers, x[rows], self.dtype, training)
+            loss, probs = softmax_cross_entropy(logits, y[rows])
+            dout = softmax_cross_entropy_backward(probs, y[rows], n)   # (rows, 10)
+            for layer in reversed(layers):
+                dout = layer.backward(dout)
+            grads = [(layer.dkernel, layer.dbias) for layer in layers
+                     if hasattr(layer, "kernel")]
+            return loss * len(probs) / n, probs, grads
+
+        results = self.on_slices(n, work)
+        for i, layer in enumerate(self.trainable()):
+            layer.dkernel = sum(grads[i][0] for _, _, grads in results)
+            layer.dbias = sum(grads[i][1] for _, _, grads in results)
+        loss = sum(part_loss for part_loss, _, _ in results)
+        return loss, np.concatenate([probs for _, probs, _ in results])
+
+    def on_slices(self, n, work):
+        """Run work(layers, rows) on each slice of a batch of n, one thread each.
+
+        Why threads: a matrix product (BLAS) uses every core, but NumPy's
+        elementwise operations (im2col copies, ReLU, max-pool, ...) use one,
+        and they take about half of a training step. So each core gets a
+        slice of the batch and runs the whole network on it, with BLAS held
+        to one thread per slice: every core now stays busy all the time.
+        NumPy releases Python's lock (the GIL) inside its operations, so the
+        threads really run at the same time. Each slice gets a shallow copy
+        of the layers: the copies share the weight arrays (nothing is copied)
+        but keep their own caches. Batches too small to be worth it run as
+        one slice, on the layers themselves. Returns work's results in order.
+        """
+        cuts = np.linspace(0, n, min(self.threads, n // MIN_SLICE) + 1).astype(int)
+        slices = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])] or [slice(0, n)]
+        if len(slices) == 1:
+            return [work(self.layers, slices[0])]
+        copies = [[copy.copy(layer) for layer in self.layers] for _ in slices]
+        with _blas_threads(1):
+            return list(_pool(len(slices)).map(work, copies, slices))
 
     def predict(self, x, batch_size=256):
         """Class probabilities, a batch at a time (bounded memory)."""
@@ -654,6 +786,7 @@ def train_epoch(model, optimizer, x, y, batch_size, rng):
 
 def train(model, train_set, val_set, args):
     (x, y), rng = train_set, common.random_streams(args.seed)["batches"]
+    keep_freed_memory()
     optimizer = Adam(args.lr)
     history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     epoch_seconds = []

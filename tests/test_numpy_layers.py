@@ -165,7 +165,8 @@ def test_dense_gradients():
 
 def test_dropout_gradient_and_scaling():
     x = RNG.normal(size=(200, 50))
-    out, mask = nn.dropout_forward(x, 0.5, np.random.default_rng(0))
+    mask = nn.dropout_mask(x.shape, 0.5, np.random.default_rng(0), x.dtype)
+    out, _ = nn.dropout_forward(x, mask)
     assert set(np.unique(mask)) == {0.0, 2.0}                # kept units scaled by 1/(1-rate)
     assert abs((mask == 0).mean() - 0.5) < 0.02
     dout = RNG.normal(size=x.shape)
@@ -238,6 +239,29 @@ def test_whole_model_gradients():
             assert skipped <= len(checked), f"{layer.name}/{name}: {skipped} kinks crossed"
             err = rel_error(grad[checked], numeric)
             assert err < 1e-6, f"{layer.name}/{name}: relative error {err:.2e}"
+
+
+def test_threads_change_nothing_but_rounding():
+    """A batch cut into slices on threads gives the loss, probabilities and
+    gradients of the whole batch at once, with the same dropout masks: in
+    float64 equal to rounding, whatever the number of slices."""
+    x = RNG.random((3 * nn.MIN_SLICE + 5, 28, 28, 1))
+    y = RNG.integers(0, 10, len(x))
+    results = []
+    for threads in (1, 2, 3):
+        model = nn.Model(seed=5, dtype=np.float64, threads=threads)
+        assert len(model.on_slices(len(x), lambda layers, rows: rows)) == threads
+        loss, probs = model.loss_and_grads(x, y)               # dropout on
+        grads = [g for layer in model.trainable() for g in (layer.dkernel, layer.dbias)]
+        results.append((loss, probs, grads))
+    for loss, probs, grads in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-13
+        assert rel_error(probs, results[0][1]) < 1e-13
+        for got, want in zip(grads, results[0][2]):
+            assert rel_error(got, want) < 1e-12
+    # Small batches are not split: one slice, on the model's own layers.
+    assert nn.Model(threads=4).on_slices(nn.MIN_SLICE, lambda layers, rows: rows) == \
+        [slice(0, nn.MIN_SLICE)]
 
 
 # --- Adam --------------------------------------------------------------------
