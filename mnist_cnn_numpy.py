@@ -183,17 +183,19 @@ def conv2d_backward_naive(dout, x, kernel):
 
 # --- ReLU --------------------------------------------------------------------
 
-def relu_forward(z):
+def relu_forward(z, in_place=False):
     """out = max(z, 0), elementwise; any shape. (Short enough to be its own
-    reference.)"""
-    out = np.maximum(z, 0)
+    reference.) in_place=True overwrites z with the result: no new array,
+    for a z that nothing else will read (see Conv2D.forward)."""
+    out = np.maximum(z, 0, out=z if in_place else None)
     return out, out
 
 
-def relu_backward(dout, out):
+def relu_backward(dout, out, in_place=False):
     """The slope of max(z, 0) is 1 where z > 0 and 0 elsewhere, so the
-    gradient passes where the unit was active and stops where it was not."""
-    return dout * (out > 0)
+    gradient passes where the unit was active and stops where it was not.
+    in_place=True overwrites dout with the result."""
+    return np.multiply(dout, out > 0, out=dout if in_place else None)
 
 
 # --- MaxPooling2D --------------------------------------------------------------
@@ -241,9 +243,12 @@ def maxpool2d_backward(dout, cache):
     """
     x_shape, winner = cache
     Ho, Wo = dout.shape[1:3]
-    dx = np.zeros(x_shape, dtype=dout.dtype)                  # (N, H, W, C)
+    dx = np.empty(x_shape, dtype=dout.dtype)                  # (N, H, W, C)
+    dx[:, 2 * Ho:], dx[:, :, 2 * Wo:] = 0, 0                  # a dropped odd row/column
     for k, (a, b) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        dx[:, a:2 * Ho:2, b:2 * Wo:2] = dout * (winner == k)  # one view per position
+        # Every input is in exactly one window position, so the four views
+        # fill dx completely; out= writes each product straight into its view.
+        np.multiply(dout, winner == k, out=dx[:, a:2 * Ho:2, b:2 * Wo:2])
     return dx
 
 
@@ -413,12 +418,15 @@ class Conv2D:
     def forward(self, x, training=False):
         out, self.cache = conv2d_forward(x, self.kernel, self.bias)
         if self.activation == "relu":
-            out, self.relu_cache = relu_forward(out)
+            # out is the product's fresh array, read by nothing else: ReLU
+            # overwrites it instead of making a second one.
+            out, self.relu_cache = relu_forward(out, in_place=True)
         return out
 
     def backward(self, dout):
         if self.activation == "relu":
-            dout = relu_backward(dout, self.relu_cache)
+            # dout is the next layer's fresh dx, read by nothing else.
+            dout = relu_backward(dout, self.relu_cache, in_place=True)
         dx, self.dkernel, self.dbias = conv2d_backward(dout, self.cache,
                                                        need_dx=not self.first)
         return dx
@@ -457,13 +465,16 @@ class Dense:
     def forward(self, x, training=False):
         out, self.cache = dense_forward(x, self.kernel, self.bias)
         if self.activation == "relu":
-            out, self.relu_cache = relu_forward(out)
+            # out is the product's fresh array, read by nothing else: ReLU
+            # overwrites it instead of making a second one.
+            out, self.relu_cache = relu_forward(out, in_place=True)
         # "softmax" is applied by the loss (from the logits) and by predict.
         return out
 
     def backward(self, dout):
         if self.activation == "relu":
-            dout = relu_backward(dout, self.relu_cache)
+            # dout is the next layer's fresh dx, read by nothing else.
+            dout = relu_backward(dout, self.relu_cache, in_place=True)
         dx, self.dkernel, self.dbias = dense_backward(dout, self.cache)
         return dx
 
