@@ -16,6 +16,11 @@ out plainly. Training uses the fast ones; the tests check them against the
 slow ones. The classes (Conv2D, Dense, ...) have Keras's names and weight
 layouts and only hold weights and caches.
 
+Speed: each fast function says what makes it fast. Two things concern the
+whole model, not one layer: each batch is cut into one slice per CPU core,
+run on threads (Model.on_slices), and freed memory is kept for the next
+batch (keep_freed_memory).
+
 Shape legend:
     N  batch size            H, W  height and width of an image or feature map
     C  input channels        F     filters (output channels) of a conv layer
@@ -513,6 +518,8 @@ def forward(layers, x, dtype, training=False):
         out = layer.forward(out, training)
     return out
 
+
+# --- The whole machine: threads and memory ------------------------------------
 
 # Threads (see Model.on_slices). A slice of fewer examples than this is not
 # worth a thread of its own.

@@ -72,6 +72,15 @@ def matmul_gflops(repeats=20):
     return rates
 
 
+def blas_info():
+    """Which BLAS library NumPy uses here and which of its CPU kernels
+    (OpenBLAS picks them by CPU model; OPENBLAS_CORETYPE overrides it)."""
+    from threadpoolctl import threadpool_info
+    return [{key: lib.get(key) for key in ("internal_api", "version", "architecture",
+                                           "num_threads")}
+            for lib in threadpool_info() if lib.get("user_api") == "blas"]
+
+
 def run_twin(twin, args, out):
     """Train one twin in a child process; return its report and peak memory (MB)."""
     cmd = [sys.executable, str(REPO / f"mnist_cnn_{twin}.py"), "--epochs", str(args.epochs),
@@ -131,7 +140,7 @@ def main(argv=None):
     val_images = data_utils.VALIDATION_SIZE           # validated every epoch
     results = {"machine": {"cpu": platform.processor() or platform.machine(),
                            "cores": os.cpu_count(), "python": platform.python_version(),
-                           "numpy": np.__version__},
+                           "numpy": np.__version__, "blas": blas_info()},
                "settings": {"train_images": images, "batch_size": reports["numpy"]["batch_size"],
                             "epochs_per_run": args.epochs, "rounds": args.rounds},
                "matmul_gflops": matmul}
@@ -158,6 +167,9 @@ def main(argv=None):
           f"{100 * n['test_accuracy']:>9.2f}%")
     print(f"\nNumPy / Keras time per epoch: {ratio:.2f}x "
           f"({images:,} training images, {args.epochs - 1} timed epochs x {args.rounds} runs each)")
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)"
+                     for b in results["machine"]["blas"])
+    print(f"BLAS: {blas}")
     print("Matmul rate (float32, NumPy): " +
           ", ".join(f"{name} {g:.0f} GFLOP/s" for name, g in matmul.items()))
     print(f"NumPy twin over an epoch: {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f}% "
