@@ -1,6 +1,6 @@
 """Benchmark both twins side by side, in the same run, on this machine.
 
-    python benchmarks/benchmark.py            # full: 55,000 images, about 4 minutes
+    python benchmarks/benchmark.py            # full: 55,000 images, 5 to 8 minutes
     python benchmarks/benchmark.py --quick    # a few hundred images: checks it works
 
 Each round trains the Keras twin, then the NumPy twin (the order swaps every
@@ -9,7 +9,9 @@ process, for --epochs epochs with the default network and batch size. The
 first epoch of every run is a warm-up (TensorFlow builds its graph, caches
 fill) and is not counted. For each twin it reports the median seconds per
 epoch, training images per second, the peak resident memory of its process
-and the test accuracy reached, then the ratio NumPy / Keras.
+and the test accuracy reached, then the ratio NumPy / Keras: of the medians,
+and within each round, whose spread shows how much the machine's other load
+moved it.
 
 It also measures this machine's float32 matrix-multiply rate with NumPy, and
 how much of it the NumPy twin achieves over an epoch: the network's
@@ -105,7 +107,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="300 training images, 2 epochs, 1 round: checks the script works")
-    p.add_argument("--rounds", type=common._positive(int), default=2,
+    p.add_argument("--rounds", type=common._positive(int), default=4,
                    help="runs of each twin, alternating")
     p.add_argument("--epochs", type=common._positive(int), default=3,
                    help="epochs per run; the first is a warm-up")
@@ -124,6 +126,7 @@ def main(argv=None):
     peak = max(matmul.values())
     epochs = {"keras": [], "numpy": []}
     memory = {"keras": [], "numpy": []}
+    round_ratios = []       # NumPy / Keras within each round: runs next to each other in time
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -135,6 +138,8 @@ def main(argv=None):
                 epochs[twin] += report["epoch_seconds"][1:]        # skip the warm-up
                 memory[twin].append(rss)
                 reports[twin] = report
+            round_ratios.append(statistics.median(reports["numpy"]["epoch_seconds"][1:])
+                                / statistics.median(reports["keras"]["epoch_seconds"][1:]))
 
     images = reports["numpy"]["train_images"]
     val_images = data_utils.VALIDATION_SIZE           # validated every epoch
@@ -154,6 +159,7 @@ def main(argv=None):
     flops = 2 * (images * TRAIN_MACS + val_images * EVAL_MACS)
     achieved = flops / results["numpy"]["seconds_per_epoch"] / 1e9
     results["ratio_numpy_over_keras"] = ratio
+    results["ratio_per_round"] = round_ratios
     results["numpy_gflops_per_epoch"] = achieved
     results["numpy_fraction_of_matmul_peak"] = achieved / peak
 
@@ -167,6 +173,8 @@ def main(argv=None):
           f"{100 * n['test_accuracy']:>9.2f}%")
     print(f"\nNumPy / Keras time per epoch: {ratio:.2f}x "
           f"({images:,} training images, {args.epochs - 1} timed epochs x {args.rounds} runs each)")
+    print("  within each round: " + " ".join(f"{r:.2f}" for r in round_ratios)
+          + "  (how much the machine's load moved the ratio)")
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)"
                      for b in results["machine"]["blas"])
     print(f"BLAS: {blas}")

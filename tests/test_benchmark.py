@@ -26,6 +26,7 @@ def test_benchmark_quick(real_data_dir, tmp_path):
         assert 0 < r["test_accuracy"] <= 1
     assert results["ratio_numpy_over_keras"] == (results["numpy"]["seconds_per_epoch"]
                                                  / results["keras"]["seconds_per_epoch"])
+    assert len(results["ratio_per_round"]) == 1 and "within each round:" in proc.stdout
     assert results["matmul_gflops"]["square 2048"] > 1
     assert results["machine"]["blas"][0]["architecture"] and "BLAS: " in proc.stdout
     assert 0 < results["numpy_fraction_of_matmul_peak"] < 1
