@@ -94,6 +94,14 @@ def im2col(x, K):
     return cols.reshape(N * Ho * Wo, K * K * C + 1)
 
 
+def im2col_naive(x, K):
+    """Algorithmic reference for im2col: one window at a time."""
+    N, H, W, C = x.shape
+    rows = [np.append(x[n, i:i + K, j:j + K, :].reshape(-1), 1)
+            for n in range(N) for i in range(H - K + 1) for j in range(W - K + 1)]
+    return np.array(rows, dtype=x.dtype)
+
+
 def conv2d_forward(x, kernel, bias):
     """Valid 2-D convolution (Keras's "cross-correlation", no kernel flip).
 

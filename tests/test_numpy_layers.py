@@ -49,9 +49,16 @@ def check(analytic, f, x, tol=1e-6):
 
 # --- Fast against naive --------------------------------------------------------
 
-def test_conv2d_fast_matches_naive():
-    x = RNG.normal(size=(2, 7, 6, 3))
-    kernel, bias = RNG.normal(size=(3, 3, 3, 4)), RNG.normal(size=4)
+@pytest.mark.parametrize("channels", [1, 3])          # 1: the first layer's own path
+def test_im2col_fast_matches_naive(channels):
+    x = RNG.normal(size=(2, 7, 6, channels))
+    assert np.array_equal(nn.im2col(x, 3), nn.im2col_naive(x, 3))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv2d_fast_matches_naive(channels):
+    x = RNG.normal(size=(2, 7, 6, channels))
+    kernel, bias = RNG.normal(size=(3, 3, channels, 4)), RNG.normal(size=4)
     out, cache = nn.conv2d_forward(x, kernel, bias)
     assert out.shape == (2, 5, 4, 4)
     assert rel_error(out, nn.conv2d_forward_naive(x, kernel, bias)) < 1e-10
@@ -161,6 +168,16 @@ def test_dense_gradients():
     check(dx, f, x)
     check(dkernel, f, kernel)
     check(dbias, f, bias)
+
+
+def test_relu_in_place_gives_the_same_numbers():
+    z, dout = RNG.normal(size=(4, 6)), RNG.normal(size=(4, 6))
+    out, cache = nn.relu_forward(z)
+    z2, dout2 = z.copy(), dout.copy()
+    out2, _ = nn.relu_forward(z2, in_place=True)
+    assert out2 is z2 and np.array_equal(out2, out)
+    back2 = nn.relu_backward(dout2, cache, in_place=True)
+    assert back2 is dout2 and np.array_equal(back2, nn.relu_backward(dout, cache))
 
 
 def test_dropout_gradient_and_scaling():
