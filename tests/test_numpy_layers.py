@@ -217,6 +217,9 @@ def same(a, b):
     return all(np.array_equal(p, q) for p, q in zip(a, b))
 
 
+WHOLE_MODEL_SEED = 0
+
+
 def test_whole_model_gradients():
     """Every parameter tensor of the full network (dropout off), 20 entries each.
 
@@ -224,10 +227,15 @@ def test_whole_model_gradients():
     now and then pushes one of them across its kink, where the loss is not
     differentiable; such entries are skipped (and counted), others are checked.
     """
+    # Its own random numbers, so that tests added above do not change its
+    # input: one earlier draw put a conv2 unit within about 1e-6 of its ReLU
+    # kink, so that nearly every step of a conv1 bias crossed it (seeds 0-7
+    # of this generator were all checked and pass).
+    rng = np.random.default_rng(WHOLE_MODEL_SEED)
     model = nn.Model(seed=3, dropout=0.0, dtype=np.float64)
     for layer in model.trainable():                         # non-zero biases too
-        layer.bias[:] = RNG.normal(size=layer.bias.shape) * 0.1
-    x = RNG.random((2, 28, 28, 1))
+        layer.bias[:] = rng.normal(size=layer.bias.shape) * 0.1
+    x = rng.random((2, 28, 28, 1))
     y = np.array([1, 7])
     model.loss_and_grads(x, y)
     base = kinks(model)
@@ -239,7 +247,7 @@ def test_whole_model_gradients():
         for name in ("kernel", "bias"):
             flat, grad = getattr(layer, name).reshape(-1), getattr(layer, "d" + name).reshape(-1)
             checked, numeric, skipped = [], [], 0
-            for i in RNG.permutation(flat.size):
+            for i in rng.permutation(flat.size):
                 old = flat[i]
                 flat[i] = old + 1e-5
                 plus, kinks_plus = loss(), kinks(model)
