@@ -624,8 +624,8 @@ class Model:
             weights[f"{layer.name}/bias"] = layer.bias.copy()
         return weights
 
-    def logits(self, x, training=False):
-        """The forward pass up to the last Dense layer's output z, (N, 10)."""
+    def logits(self, x):
+        """The forward pass (inference) up to the last Dense layer's output z, (N, 10)."""
         return np.concatenate(self.on_slices(
             len(x), lambda layers, rows: forward(layers, x[rows], self.dtype)))
 
