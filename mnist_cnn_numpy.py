@@ -477,16 +477,13 @@ class Dense:
 
     def forward(self, x, training=False):
         out, self.cache = dense_forward(x, self.kernel, self.bias)
-        if self.activation == "relu":
-            # out is the product's fresh array, read by nothing else: ReLU
-            # overwrites it instead of making a second one.
+        if self.activation == "relu":                 # in place, as in Conv2D
             out, self.relu_cache = relu_forward(out, in_place=True)
         # "softmax" is applied by the loss (from the logits) and by predict.
         return out
 
     def backward(self, dout):
-        if self.activation == "relu":
-            # dout is the next layer's fresh dx, read by nothing else.
+        if self.activation == "relu":                 # in place, as in Conv2D
             dout = relu_backward(dout, self.relu_cache, in_place=True)
         dx, self.dkernel, self.dbias = dense_backward(dout, self.cache)
         return dx
