@@ -133,7 +133,8 @@ def conv2d_backward(dout, cache, need_dx=True):
     In im2col form the layer is out = cols @ weights, a matrix product, so
     the chain rule gives
         dweights = cols.T @ dout2d       (each weight saw every window)
-        dcols    = dout2d @ weights.T    (each window's share of dx)
+        dcols    = dout2d @ weights.T    (each window's share of dx; the
+                                          ones column's share is not needed)
     The last row of dweights is dbias: its input was the column of ones, so
     it is the sum of dout over N, H', W'. dx is dcols folded back ("col2im"):
     each input pixel sat in up to K*K windows, so it collects the gradient
@@ -557,11 +558,11 @@ def keep_freed_memory():
     drops them when the step ends. By default the C allocator that NumPy uses
     (glibc's malloc) hands blocks this large back to the operating system
     when they are freed, so the next step must get fresh ones: the OS then
-    zero-fills every new page on first touch, one page fault at a time. On
-    the machine the README's numbers come from, a threaded step took about
-    40 ms that way and about 30 ms with this. Raising two of glibc's thresholds makes it keep freed
-    memory for the next batch instead. Only glibc (Linux) has mallopt;
-    elsewhere this does nothing.
+    zero-fills every new page on first touch, one page fault at a time.
+    Raising two of glibc's thresholds makes it keep freed memory for the next
+    batch instead: on the machine the README's numbers come from, a threaded
+    step took about 40 ms without this and about 30 ms with it. Only glibc
+    (Linux) has mallopt; elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -602,7 +603,6 @@ class Model:
             Dense(10, activation="softmax", name="dense2", input_dim=128),
         ]
         self.layers[0].first = True
-        self.dropout = self.layers[6]
         self.set_weights(common.initial_weights(seed, self.dtype))
 
     def trainable(self):
@@ -636,9 +636,10 @@ class Model:
         by the whole batch's N.
         """
         n = len(x)
-        d = self.layers.index(self.dropout)
-        mask = (self.dropout.draw_mask((n,) + common.LAYERS[d][2], self.dtype)
-                if training and self.dropout.rate > 0 else None)   # (N, 128)
+        d = next(i for i, layer in enumerate(self.layers) if isinstance(layer, Dropout))
+        dropout = self.layers[d]
+        mask = (dropout.draw_mask((n,) + common.LAYERS[d][2], self.dtype)
+                if training and dropout.rate > 0 else None)   # (N, 128)
 
         def work(layers, rows):
             if mask is not None:
