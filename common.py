@@ -2,15 +2,21 @@
 weights, the weights file, the report, and how errors reach the user.
 
 Keeping these in one place is what makes the twins twins: the same flags,
-the same initial weights for the same seed, the same files written. This
-module needs only NumPy (never TensorFlow).
+the same initial weights for the same seed, the same files written. Nothing
+here knows the network's shape: each twin declares its layers once, in its
+own build_model, and passes its weights' shapes in ({"conv1/kernel": (3, 3,
+1, 32), ...}), so a learner who edits a layer changes it everywhere.
+This module needs only NumPy; import_keras imports TensorFlow only when a
+caller asks for it.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,33 +28,6 @@ import data_utils
 class UserError(Exception):
     """Bad input from the user: printed as one message, exit status 1."""
 
-
-# The network, layer by layer: (name, description, output shape after it).
-# Both twins give their layers exactly these names; the weights file uses them.
-LAYERS = [
-    ("conv1", "Conv2D(32, 3x3, relu)", (26, 26, 32)),
-    ("pool1", "MaxPooling2D(2x2)", (13, 13, 32)),
-    ("conv2", "Conv2D(64, 3x3, relu)", (11, 11, 64)),
-    ("pool2", "MaxPooling2D(2x2)", (5, 5, 64)),
-    ("flatten", "Flatten", (1600,)),
-    ("dense1", "Dense(128, relu)", (128,)),
-    ("dropout", "Dropout(0.5)", (128,)),
-    ("dense2", "Dense(10, softmax)", (10,)),
-]
-
-# The layers whose outputs the feature-map figure shows.
-FEATURE_LAYERS = ("conv1", "pool1", "conv2", "pool2")
-
-# The shapes of the weights, in Keras's layouts: a conv kernel is
-# (kernel height, kernel width, input channels, filters), a dense kernel is
-# (inputs, units). 320 + 18,496 + 204,928 + 1,290 = 225,034 parameters.
-WEIGHT_SHAPES = {
-    "conv1": {"kernel": (3, 3, 1, 32), "bias": (32,)},
-    "conv2": {"kernel": (3, 3, 32, 64), "bias": (64,)},
-    "dense1": {"kernel": (1600, 128), "bias": (128,)},
-    "dense2": {"kernel": (128, 10), "bias": (10,)},
-}
-PARAMS = sum(int(np.prod(s)) for w in WEIGHT_SHAPES.values() for s in w.values())
 
 DEFAULTS = {"epochs": 12, "batch_size": 128, "lr": 1e-3, "seed": 0,
             "dataset": "mnist", "out": "results"}
@@ -64,11 +43,24 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
         return value
     parse.__name__ = kind.__name__          # argparse names the type in errors
     return parse
+
+
+MAX_SEED = 2**32 - 1                        # what NumPy and Keras both accept
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED:,}, got {text}")
+    return value
 
 
 def parse_args(description, argv=None):
@@ -81,7 +73,7 @@ def parse_args(description, argv=None):
                    default=DEFAULTS["batch_size"], help="images per Adam step")
     p.add_argument("--lr", type=_positive(float), default=DEFAULTS["lr"],
                    help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+    p.add_argument("--seed", type=_seed, default=DEFAULTS["seed"],
                    help="seed for the initial weights, batch order and dropout")
     p.add_argument("--train-limit", type=_positive(int), default=None,
                    metavar="N", help="train on the first N training images "
@@ -138,17 +130,53 @@ def glorot_uniform(rng, shape, dtype=np.float32):
     return rng.uniform(-limit, limit, size=shape).astype(dtype)
 
 
-def initial_weights(seed, dtype=np.float32):
+def initial_weights(shapes, seed, dtype=np.float32):
     """The starting weights of both twins: {"conv1/kernel": array, ...}.
 
-    Glorot-uniform kernels and zero biases, as Keras would make them, but
-    drawn here with NumPy so that both twins start from the *same* numbers.
+    shapes: the model's own {"conv1/kernel": (3, 3, 1, 32), ...}, in the
+    order of its layers (each twin's weight_shapes gives it). Kernels are
+    Glorot-uniform and biases zero, as Keras would make them; a
+    BatchNormalization layer starts as Keras's does (gamma and the moving
+    variance 1, beta and the moving mean 0). They are drawn here with NumPy,
+    one kernel after another in layer order, so that both twins start from
+    the *same* numbers.
     """
     rng = random_streams(seed)["init"]
     weights = {}
-    for layer, shapes in WEIGHT_SHAPES.items():
-        weights[f"{layer}/kernel"] = glorot_uniform(rng, shapes["kernel"], dtype)
-        weights[f"{layer}/bias"] = np.zeros(shapes["bias"], dtype)
+    for key, shape in shapes.items():
+        part = key.split("/")[-1]
+        if part == "kernel":
+            weights[key] = glorot_uniform(rng, shape, dtype)
+        elif part in ("gamma", "moving_variance"):
+            weights[key] = np.ones(shape, dtype)
+        else:                                   # bias, beta, moving_mean
+            weights[key] = np.zeros(shape, dtype)
+    return weights
+
+
+def check_weights(weights, shapes, source):
+    """Check {key: array} against the model's {key: shape}; return it.
+
+    Every weight of the model must be there with the model's shape, and
+    nothing else: anything else is a UserError naming the layer and both
+    shapes. source says where the weights came from, for the message.
+    """
+    fix = ("A weights file fits only the network that wrote it: if you changed "
+           "a layer in one twin, make the same change in the other (README: "
+           "\"Change the network\").")
+    for key, shape in shapes.items():
+        layer = key.rsplit("/", 1)[0]
+        if key not in weights:
+            raise UserError(f"{source} has no {key!r}, which this model's layer "
+                            f"{layer} needs (shape {shape}). {fix}")
+        found = tuple(weights[key].shape)
+        if found != tuple(shape):
+            raise UserError(f"{source}: {key} has shape {found}, but this model's "
+                            f"layer {layer} needs {tuple(shape)}. {fix}")
+    extra = [key for key in weights if key not in shapes]
+    if extra:
+        raise UserError(f"{source} has {extra[0]!r} (shape {tuple(weights[extra[0]].shape)}), "
+                        f"but this model has no such weight. {fix}")
     return weights
 
 
@@ -172,10 +200,13 @@ def prepare_out_dir(out):
 @contextmanager
 def atomic_write(path):
     """Open a temporary file beside `path`; rename it to `path` only if the
-    block finishes. A crash or Ctrl-C leaves the old file (or none)."""
+    block finishes. A crash or Ctrl-C leaves the old file (or none).
+
+    The result gets the user's usual file permissions (see
+    data_utils.new_part_file).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                               suffix=".part")
+    tmp, fd = data_utils.new_part_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -191,11 +222,12 @@ def save_weights(path, weights):
         np.savez(f, **{k: np.asarray(v) for k, v in weights.items()})
 
 
-def load_weights(path, dtype=np.float32):
-    """Read and check a weights file; return {"conv1/kernel": array, ...}.
+def load_weights(path, shapes, dtype=np.float32):
+    """Read a weights file and check it against the model that will load it.
 
-    Every layer must be there with the right shape; anything else is a
-    UserError that names the layer, the expected and the found shape.
+    shapes: that model's {"conv1/kernel": (3, 3, 1, 32), ...}. A missing
+    key, a wrong shape, an extra layer, integers, NaN or infinite values are
+    each a UserError that says which weight and why.
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -205,21 +237,16 @@ def load_weights(path, dtype=np.float32):
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"Weights file {path} is not a readable .npz "
                         f"file ({e}).") from None
-    weights = {}
-    for layer, shapes in WEIGHT_SHAPES.items():
-        for part, shape in shapes.items():
-            key = f"{layer}/{part}"
-            if key not in found:
-                raise UserError(f"Weights file {path}: no {key!r} for layer "
-                                f"{layer} (expected shape {shape}).")
-            if found[key].shape != shape:
-                raise UserError(f"Weights file {path}: {key} has shape "
-                                f"{found[key].shape}, expected {shape}.")
-            if not np.issubdtype(found[key].dtype, np.floating):
-                raise UserError(f"Weights file {path}: {key} has dtype "
-                                f"{found[key].dtype}, expected floats.")
-            weights[key] = found[key].astype(dtype)
-    return weights
+    check_weights(found, shapes, f"Weights file {path}")
+    for key, array in found.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise UserError(f"Weights file {path}: {key} has dtype "
+                            f"{array.dtype}, expected floats.")
+        if not np.all(np.isfinite(array)):
+            raise UserError(f"Weights file {path}: {key} holds NaN or infinite "
+                            "values (written by a training run whose loss "
+                            "diverged?); these weights cannot be used.")
+    return {key: found[key].astype(dtype) for key in shapes}
 
 
 def write_report(path, report):
@@ -227,9 +254,10 @@ def write_report(path, report):
         f.write((json.dumps(report, indent=2) + "\n").encode())
 
 
-def make_report(implementation, args, train_images, test_accuracy, test_loss,
+def make_report(implementation, args, params, train_images, test_accuracy, test_loss,
                 epoch_seconds, history):
-    """The results file; both twins write exactly these keys."""
+    """The results file; both twins write exactly these keys. params: the
+    model's number of weights (Keras's "Total params")."""
     return {
         "implementation": implementation,
         "dataset": args.dataset,
@@ -238,7 +266,7 @@ def make_report(implementation, args, train_images, test_accuracy, test_loss,
         "learning_rate": args.lr,
         "seed": args.seed,
         "train_images": train_images,
-        "params": PARAMS,
+        "params": int(params),
         "test_accuracy": float(test_accuracy),
         "test_loss": float(test_loss),
         "train_seconds": float(sum(epoch_seconds)),
@@ -269,6 +297,82 @@ def load_splits(args):
     if args.train_limit:
         train = (train[0][:args.train_limit], train[1][:args.train_limit])
     return train, val, test
+
+
+class ProgressBar:
+    """The NumPy twin's per-epoch bar, like Keras's: step/total, time, ETA, running metrics.
+    When the output is not a terminal, one line per epoch (Keras verbose=2)."""
+
+    def __init__(self, total):
+        self.total, self.start, self.tty = total, time.perf_counter(), sys.stdout.isatty()
+        self.last = 0.0
+
+    def update(self, step, metrics):
+        now = time.perf_counter()
+        if not self.tty or (now - self.last < 0.1 and step < self.total):
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / step * (self.total - step)
+        bar = "━" * int(20 * step / self.total)
+        print(f"\r{step:>{len(str(self.total))}}/{self.total} {bar:<20} "
+              f"{elapsed:.0f}s (ETA {eta:.0f}s) - {_metrics(metrics)}",
+              end="", flush=True)
+
+    def close(self, metrics):
+        elapsed = time.perf_counter() - self.start
+        line = (f"{self.total}/{self.total} - {elapsed:.0f}s - "
+                f"{1000 * elapsed / self.total:.0f}ms/step - {_metrics(metrics)}")
+        print("\r" + line + "\033[K" if self.tty else line, flush=True)
+
+
+def _metrics(metrics):
+    return " - ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
+
+
+def diverged(epoch, step, what, lr):
+    """The error both twins raise when training blows up: what = "the loss
+    became nan", "some weights became NaN or infinite", ..."""
+    where = f"epoch {epoch}, step {step}" if step else f"the end of epoch {epoch}"
+    return UserError(
+        f"Training stopped at {where}: {what}. The learning rate --lr {lr:g} is "
+        f"probably too large: try a smaller one, e.g. --lr {lr / 10:g}. "
+        "Nothing was written.")
+
+
+def not_finite(history, weights):
+    """What went wrong at the end of an epoch, or None: the epoch's
+    validation loss or a weight that is NaN or infinite."""
+    if not math.isfinite(history["val_loss"][-1]):
+        return f"the validation loss became {history['val_loss'][-1]}"
+    bad = [key for key, w in weights.items() if not np.all(np.isfinite(w))]
+    if bad:
+        return f"{bad[0]} became NaN or infinite"
+    return None
+
+
+def import_keras():
+    """Import Keras and TensorFlow with TensorFlow's start-up chatter hidden.
+
+    TensorFlow prints log lines from C++ as it loads (CUDA probing, CPU
+    features, oneDNN notes). TF_CPP_MIN_LOG_LEVEL silences most of them,
+    but some are written before TensorFlow reads it, so stderr is pointed at
+    /dev/null at the file-descriptor level during the import and restored
+    right after. A GPU, if present, is still used. Returns (keras, tf).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        import keras
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras, tf
 
 
 def run(main):

@@ -98,8 +98,10 @@ def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed):
     """Train both models step by step on the same batches; return the losses.
 
     Each step: Keras's train_on_batch (forward, loss, gradients, Adam) and
-    the NumPy twin's loss_and_grads + Adam, on the same batch. Returns a list
-    of (keras loss, numpy loss), each computed before that step's update.
+    the NumPy twin's train_step (the same), on the same batch. Returns
+    steps + 1 pairs (keras loss, numpy loss): one for each step, computed on
+    its batch before that step's update, and a last one computed on the last
+    batch after the last update, so that every update is checked.
     """
     import mnist_cnn_numpy as nt
     optimizer = nt.Adam(float(keras_model.optimizer.learning_rate.numpy()))
@@ -112,11 +114,12 @@ def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed):
             # first; the step itself is Keras's ordinary training step.
             k_loss = keras_loss_and_grads(keras_model, xb, yb)[1]
             keras_model.train_on_batch(xb, yb)
-            n_loss, _ = numpy_model.loss_and_grads(xb, yb, training=True)
-            nt.adam_step(numpy_model, optimizer)
+            n_loss, _ = nt.train_step(numpy_model, optimizer, xb, yb)
             losses.append((float(k_loss), float(n_loss)))
             if len(losses) == steps:
                 break
+    n_final = nt.softmax_cross_entropy(nt.logits(numpy_model, xb), yb)[0]
+    losses.append((keras_loss_and_grads(keras_model, xb, yb)[1], float(n_final)))
     return losses
 
 
@@ -127,15 +130,18 @@ def run_lockstep(args):
     (x, y), _ = data_utils.load_dataset("mnist", args.data_dir)
     x, y = x[:args.steps * args.batch_size], y[:args.steps * args.batch_size]
     keras_model = kt.build_model(dropout=0.0, dtype=dtype)
-    kt.set_weights(keras_model, common.initial_weights(args.seed, dtype))
-    numpy_model = nt.Model(args.seed, dropout=0.0, dtype=dtype)
+    numpy_model = nt.build_model(dropout=0.0, seed=args.seed, dtype=dtype)
+    kt.set_weights(keras_model, numpy_model.get_weights(), "The NumPy twin's weights")
     print(f"Both twins: the same starting weights (seed {args.seed}), {dtype}, "
           f"dropout off, the same {args.steps} batches of {args.batch_size}.\n")
-    print(f"{'step':>4}  {'Keras loss':>20}  {'NumPy loss':>20}  {'difference':>10}")
+    print(f"{'step':>5}  {'Keras loss':>20}  {'NumPy loss':>20}  {'difference':>10}")
     losses = lockstep(keras_model, numpy_model, x.astype(dtype), y, args.steps,
                       args.batch_size, args.seed)
     for i, (k, n) in enumerate(losses, start=1):
-        print(f"{i:>4}  {k:>20.15f}  {n:>20.15f}  {abs(k - n):>10.1e}")
+        step = f"{i:>5}" if i <= args.steps else "after"
+        print(f"{step}  {k:>20.15f}  {n:>20.15f}  {abs(k - n):>10.1e}")
+    print("(each step's loss is taken on its batch before the update; 'after' is the "
+          "last batch again, after the last update)")
     kw, nw = kt.get_weights(keras_model), numpy_model.get_weights()
     worst = max(kw, key=lambda key: np.max(np.abs(kw[key] - nw[key])))
     print(f"\nLargest weight difference after {args.steps} steps: "
@@ -154,7 +160,7 @@ def main(argv=None):
     p.add_argument("--float64", action="store_true", help="lockstep in float64")
     p.add_argument("--batch-size", type=common._positive(int), default=64,
                    help="lockstep batch size")
-    p.add_argument("--seed", type=int, default=0, help="lockstep seed")
+    p.add_argument("--seed", type=common._seed, default=0, help="lockstep seed")
     p.add_argument("--data-dir", default=None, help="data folder (lockstep)")
     args = p.parse_args(argv)
     if args.steps:

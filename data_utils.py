@@ -31,8 +31,8 @@ import gzip
 import hashlib
 import ipaddress
 import os
+import secrets
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -268,6 +268,18 @@ def download(name, role, dest_dir, progress=True):
     raise DataError(_offline_help(name, raw_name, dest_dir, failures))
 
 
+def new_part_file(folder, name):
+    """Create `.<name>.<random>.part` in folder for writing: (path, fd).
+
+    It is made with mode 0666 and the user's umask, like any file open()
+    creates, so that the file it becomes by os.replace has the usual
+    permissions (tempfile.mkstemp would make it private, 0600). O_EXCL: a
+    name that exists already is never reused.
+    """
+    path = Path(folder) / f".{name}.{secrets.token_hex(4)}.part"
+    return str(path), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+
 class _Retry(Exception):
     """A failure worth trying again on the same mirror (network, 5xx)."""
 
@@ -280,8 +292,7 @@ def _fetch_one(session, url, dest_dir, gz_name, sha, raw_size, max_body,
                progress):
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{gz_name}.",
-                                   suffix=".part")
+        tmp, fd = new_part_file(dest_dir, gz_name)
     except OSError as e:
         raise DataError(f"Cannot write to {dest_dir} ({e.strerror or e}). "
                         "Choose a writable folder with --data-dir or "

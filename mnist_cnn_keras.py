@@ -5,9 +5,9 @@
 
 The same network is built from scratch in mnist_cnn_numpy.py, with the same
 flags, the same starting weights, the same batches and the same report. Read
-this file first for *what* the network is; then read the NumPy twin for
-*how* each line below is computed. Beside each layer, a comment names the
-NumPy function that does the same arithmetic.
+this file first for *what* the network is (build_model); then read the NumPy
+twin for *how* each line of it is computed. Beside each layer, a comment
+names the NumPy function that does the same arithmetic.
 
 Writes to --out (default results/): keras.json (the report),
 keras.weights.npz (the weights, loadable by either twin) and the figures.
@@ -16,112 +16,29 @@ keras.weights.npz (the weights, loadable by either twin) and the figures.
 # =============================================================================
 # Setup
 # =============================================================================
-import os
+import math
 import sys
 import time
+from contextlib import contextmanager
 
-# TensorFlow prints start-up chatter from C++ (CUDA probing, CPU features).
-# Silence it before the import; a GPU, if present, is still used.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
 
-import numpy as np                                          # noqa: E402
+import common
+import data_utils
+import own_digits
 
-import common                                               # noqa: E402
-import data_utils                                           # noqa: E402
-import own_digits                                           # noqa: E402
-
-
-def import_keras():
-    """Import TensorFlow and Keras with the C++ start-up log lines hidden.
-
-    Some of those lines are written before TensorFlow reads its log level, so
-    stderr is pointed at /dev/null at the file-descriptor level during the
-    import, and restored right after.
-    """
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        import keras
-        import tensorflow as tf
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    return keras, tf
-
-
-keras, tf = import_keras()
+keras, tf = common.import_keras()       # (with TensorFlow's start-up log lines hidden)
 
 
 # =============================================================================
-# Data
-# =============================================================================
-# Both twins get their data through common.load_splits (from data_utils): the
-# same arrays, the same 5,000 validation images, and, in Train below, the same
-# batches in the same order for the same seed.
-
-
-# =============================================================================
-# Model
-# =============================================================================
-def build_model(lr=common.DEFAULTS["lr"], dropout=0.5, dtype="float32"):
-    """The twins' network. Layer names key the weights file (common.LAYERS)."""
-    layers = keras.layers
-    model = keras.Sequential([
-        keras.Input(shape=(28, 28, 1)),
-        # conv2d_forward + relu_forward:                     (N, 26, 26, 32)
-        layers.Conv2D(32, 3, activation="relu", name="conv1", dtype=dtype),
-        # maxpool2d_forward:                                 (N, 13, 13, 32)
-        layers.MaxPooling2D(2, name="pool1", dtype=dtype),
-        # conv2d_forward + relu_forward:                     (N, 11, 11, 64)
-        layers.Conv2D(64, 3, activation="relu", name="conv2", dtype=dtype),
-        # maxpool2d_forward (the odd last row/column is dropped): (N, 5, 5, 64)
-        layers.MaxPooling2D(2, name="pool2", dtype=dtype),
-        # flatten_forward:                                   (N, 1600)
-        layers.Flatten(name="flatten", dtype=dtype),
-        # dense_forward + relu_forward:                      (N, 128)
-        layers.Dense(128, activation="relu", name="dense1", dtype=dtype),
-        # dropout_forward (inverted dropout, training only): (N, 128)
-        layers.Dropout(dropout, name="dropout", dtype=dtype),
-        # dense_forward + softmax_forward:                   (N, 10)
-        layers.Dense(10, activation="softmax", name="dense2", dtype=dtype),
-    ])
-    # adam_update; softmax_cross_entropy (the loss and its gradient p - y)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(dtype=dtype),
-                  metrics=["accuracy"])
-    return model
-
-
-def set_weights(model, weights):
-    """Copy {"conv1/kernel": array, ...} into the model, layer by layer.
-
-    The arrays are already in Keras's layouts, so nothing is transposed.
-    """
-    for name in common.WEIGHT_SHAPES:
-        model.get_layer(name).set_weights(
-            [weights[f"{name}/kernel"], weights[f"{name}/bias"]])
-
-
-def get_weights(model):
-    weights = {}
-    for name in common.WEIGHT_SHAPES:
-        kernel, bias = model.get_layer(name).get_weights()
-        weights[f"{name}/kernel"], weights[f"{name}/bias"] = kernel, bias
-    return weights
-
-
-# =============================================================================
-# Train
+# Data: the NumPy twin's batches, in its order
 # =============================================================================
 class SharedBatches(keras.utils.PyDataset):
-    """The training batches, in the NumPy twin's order.
+    """The training batches, in the order the NumPy twin visits them.
 
     The permutation of every epoch comes from data_utils and the seed, drawn
     up front; Keras asks for batch i of the current epoch, which EpochClock
-    keeps up to date.
+    (below) keeps up to date.
     """
 
     def __init__(self, x, y, batch_size, orders):
@@ -137,19 +54,103 @@ class SharedBatches(keras.utils.PyDataset):
         return self.x[idx], self.y[idx]
 
 
+# =============================================================================
+# Model
+# =============================================================================
+def build_model(lr=common.DEFAULTS["lr"], dropout=0.5, dtype="float32"):
+    """The twins' network, declared once. Compare mnist_cnn_numpy.build_model:
+    the same layers, in the same words. Edit both the same way to change the
+    network (README: "Change the network"): every shape follows from these
+    lines, and model.summary() prints them."""
+    layers = keras.layers
+    with float_type(dtype):              # float32, or float64 in some tests
+        model = keras.Sequential([
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, 3, activation="relu", name="conv1"),  # conv2d_forward, relu_forward
+            layers.MaxPooling2D(2, name="pool1"),                   # maxpool2d_forward
+            layers.Conv2D(64, 3, activation="relu", name="conv2"),  # conv2d_forward, relu_forward
+            layers.MaxPooling2D(2, name="pool2"),                   # maxpool2d_forward
+            layers.Flatten(name="flatten"),                         # flatten_forward
+            layers.Dense(128, activation="relu", name="dense1"),    # dense_forward, relu_forward
+            layers.Dropout(dropout, name="dropout"),                # dropout_mask, dropout_forward
+            layers.Dense(10, activation="softmax", name="dense2"),  # dense_forward, softmax
+        ])
+    # Adam.update; softmax_cross_entropy (the loss and its gradient p - y).
+    # Compiled with the default float32 settings: Keras's Adam then rounds
+    # its learning rate and betas to float32, which the NumPy Adam copies.
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(dtype=dtype),
+                  metrics=["accuracy"])
+    return model
+
+
+@contextmanager
+def float_type(dtype):
+    """Layers and inputs made inside take this float type (Keras's default
+    float type and dtype policy, restored afterwards)."""
+    saved = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(saved[0])
+        keras.config.set_dtype_policy(saved[1])
+
+
+def weight_shapes(model):
+    """{"conv1/kernel": (3, 3, 1, 32), ...}, layer by layer in Keras's order:
+    the keys of the weights file, read off the model."""
+    return {f"{layer.name}/{w.name}": tuple(w.shape)
+            for layer in model.layers for w in layer.weights}
+
+
+def set_weights(model, weights, source="The weights given"):
+    """Copy {"conv1/kernel": array, ...} into the model, layer by layer.
+
+    The arrays are already in Keras's layouts, so nothing is transposed.
+    """
+    common.check_weights(weights, weight_shapes(model), source)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([weights[f"{layer.name}/{w.name}"] for w in layer.weights])
+
+
+def get_weights(model):
+    return {f"{layer.name}/{w.name}": value for layer in model.layers
+            for w, value in zip(layer.weights, layer.get_weights())}
+
+
+# =============================================================================
+# Train
+# =============================================================================
 class EpochClock(keras.callbacks.Callback):
-    """Tells the batches which epoch it is, and times each epoch."""
+    """Tells the batches which epoch it is and times each epoch. It also
+    stops training that blows up (like TerminateOnNaN, and more): a loss
+    that is no longer a number after any step, or a validation loss or a
+    weight after any epoch; it notes what and where, for the message."""
 
     def __init__(self, batches):
         super().__init__()
-        self.batches, self.seconds = batches, []
+        self.batches, self.seconds, self.diverged = batches, [], None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches.epoch = epoch
         self.start = time.perf_counter()
 
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self.diverged = (self.batches.epoch + 1, batch + 1, f"the loss became {loss}")
+            self.model.stop_training = True
+
     def on_epoch_end(self, epoch, logs=None):          # after validation
         self.seconds.append(time.perf_counter() - self.start)
+        problem = common.not_finite({"val_loss": [float(logs["val_loss"])]},
+                                    get_weights(self.model))
+        if problem and not self.diverged:
+            self.diverged = (epoch + 1, None, problem)
+            self.model.stop_training = True
 
 
 def train(model, train_set, val_set, args):
@@ -161,12 +162,14 @@ def train(model, train_set, val_set, args):
     fit = model.fit(batches, epochs=args.epochs, validation_data=val_set,
                     shuffle=False, callbacks=[clock],
                     verbose=1 if sys.stdout.isatty() else 2)   # a bar, or a line per epoch
+    if clock.diverged:
+        raise common.diverged(*clock.diverged, args.lr)
     history = {k: fit.history[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
     return history, clock.seconds
 
 
 # =============================================================================
-# Evaluate and report
+# Evaluate
 # =============================================================================
 def evaluate(model, x, y, batch_size=1000):
     """Test loss and accuracy, and the class probabilities of every image."""
@@ -175,49 +178,49 @@ def evaluate(model, x, y, batch_size=1000):
     return loss, accuracy, probs
 
 
+def predict(model, x):
+    return model.predict(x, batch_size=256, verbose=0)
+
+
 def feature_maps(model, image):
-    """The outputs of the conv and pool layers for one image, for the figure."""
+    """What each conv and pool layer (each layer with an (H, W, C) output)
+    makes of one image, for the figure: [(layer name, (H, W, C)), ...]."""
     out, maps = image[None], []
     for layer in model.layers:
         out = layer(out)
-        if layer.name in common.FEATURE_LAYERS:
+        if len(out.shape) == 4:
             maps.append((layer.name, np.asarray(out[0])))
     return maps
 
 
-def predict_probs(model, x):
-    return model.predict(x, batch_size=256, verbose=0)
-
-
 # =============================================================================
-# main
+# main: the same steps, files and printed lines as the NumPy twin
 # =============================================================================
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
     out = common.prepare_out_dir(args.out)
-    start_weights = (common.load_weights(args.load_weights) if args.load_weights
-                     else common.initial_weights(args.seed))
+    spec = data_utils.DATASETS[args.dataset]
+    title = f"Keras twin, {spec['title']}"
 
-    # Setup: one seed for Keras's own randomness (dropout) and deterministic
-    # ops, so that a run can be repeated exactly.
+    # One seed for Keras's own randomness (dropout) and deterministic ops,
+    # so that a run can be repeated exactly.
     keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
 
-    spec = data_utils.DATASETS[args.dataset]
-    title = f"Keras twin, {spec['title']}"
-    if args.predict and args.load_weights:       # only classify the user's images
-        model = build_model(args.lr)
-        set_weights(model, start_weights)
-        return own_digits.report(args.predict, lambda x: predict_probs(model, x),
-                                 spec["classes"], out, "keras", title)
+    # Model: Keras would draw its own random starting weights; we set the
+    # shared ones instead, so both twins start from the very same numbers
+    # (or a weights file written by either twin, checked against this network).
+    model = build_model(args.lr)
+    if args.load_weights:
+        set_weights(model, common.load_weights(args.load_weights, weight_shapes(model)))
+        if args.predict:                          # only classify the user's images
+            return own_digits.report(args.predict, lambda x: predict(model, x),
+                                     spec["classes"], out, "keras", title)
+    else:
+        set_weights(model, common.initial_weights(weight_shapes(model), args.seed))
 
     # Data: the same arrays, split and batches as the NumPy twin.
     train_set, val_set, (x_test, y_test) = common.load_splits(args)
-
-    # Model: Keras would draw its own random starting weights; we set the
-    # shared ones instead, so both twins start from the very same numbers.
-    model = build_model(args.lr)
-    set_weights(model, start_weights)
     model.summary()
 
     # Train
@@ -231,8 +234,8 @@ def main(argv=None):
     test_loss, test_accuracy, probs = evaluate(model, x_test, y_test)
 
     # Report: the same files and the same last line as the NumPy twin.
-    report = common.make_report("keras", args, len(train_set[0]), test_accuracy,
-                                test_loss, epoch_seconds, history)
+    report = common.make_report("keras", args, model.count_params(), len(train_set[0]),
+                                test_accuracy, test_loss, epoch_seconds, history)
     # An evaluation alone gets its own file, so the training report stays.
     written = [out / ("keras.eval.json" if args.eval_only else "keras.json")]
     common.write_report(written[0], report)
@@ -243,12 +246,12 @@ def main(argv=None):
         import plots
         written += plots.all_figures("keras", out, report["history"], x_test,
                                      y_test, probs, spec["classes"], title,
-                                     model.get_layer("conv1").get_weights()[0],
+                                     model.layers[0].get_weights()[0],
                                      feature_maps(model, x_test[0]))
     print("Wrote " + ", ".join(str(p) for p in written))
     print(common.summary_line(report))
     if args.predict:
-        return own_digits.report(args.predict, lambda x: predict_probs(model, x),
+        return own_digits.report(args.predict, lambda x: predict(model, x),
                                  spec["classes"], out, "keras", title)
     return 0
 

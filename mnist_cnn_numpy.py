@@ -9,17 +9,22 @@ same starting weights, same batches, same report as the Keras twin, and no
 TensorFlow anywhere. Read mnist_cnn_keras.py first for *what* the network
 is; this file shows *how* each of its lines is computed.
 
-How to read it: the math is in function pairs, `x_forward(...) -> out, cache`
-and `x_backward(dout, cache) -> gradients`. Below each fast function sits a
-slow loop version labelled "algorithmic reference": the definition written
-out plainly. Training uses the fast ones; the tests check them against the
-slow ones. The classes (Conv2D, Dense, ...) have Keras's names and weight
-layouts and only hold weights and caches.
+How to read it, top to bottom:
+1. The math, in function pairs `x_forward(...) -> out, cache` and
+   `x_backward(dout, cache) -> gradients`. Below each fast function sits a
+   slow loop version labelled "algorithmic reference": the definition
+   written out plainly. Training uses the fast ones; the tests check them
+   against the slow ones.
+2. The layers: classes with Keras's names and arguments (Conv2D(filters,
+   kernel_size, activation)), which hold the weights and call the math; and
+   build_model, the network declared once, as in the Keras twin.
+3. Training: `loss_and_grads` (forward, loss, backward) and `train_step`
+   (that, then Adam) are the whole algorithm, on one screen.
 
-Speed: each fast function says what makes it fast. Two things concern the
-whole model, not one layer: each batch is cut into one slice per CPU core,
-run on threads (Model.on_slices), and freed memory is kept for the next
-batch (keep_freed_memory).
+Speed: each fast function says what makes it fast. What concerns the whole
+machine rather than the math (one slice of each batch per CPU core, BLAS
+thread limits, memory kept for the next batch) lives in speedup.py, and is
+called from one marked place in train_step.
 
 Shape legend:
     N  batch size            H, W  height and width of an image or feature map
@@ -35,28 +40,15 @@ numpy.weights.npz (the weights, loadable by either twin) and the figures.
 # =============================================================================
 # Setup
 # =============================================================================
-import copy
-import ctypes
-import os
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from threadpoolctl import ThreadpoolController
 
 import common
 import data_utils
 import own_digits
-
-
-# =============================================================================
-# Data
-# =============================================================================
-# Both twins get their data through common.load_splits (from data_utils): the
-# same arrays, the same 5,000 validation images, and, in Train below, the same
-# batches in the same order for the same seed.
+import speedup
 
 
 # =============================================================================
@@ -419,15 +411,51 @@ def softmax_cross_entropy_naive(logits, labels):
 # =============================================================================
 # Model: Keras-named layers that hold weights and call the functions above
 # =============================================================================
+# Each layer takes Keras's constructor arguments and no input sizes: like
+# Keras, it learns the shape of its input when the model is built (build,
+# below) and makes its weights to fit. `params` names its learned weights in
+# Keras's order; their gradients are "d" + the name (dkernel, dbias).
 
-class Conv2D:
-    def __init__(self, filters, kernel_size, activation=None, name=None,
-                 input_channels=None):
-        self.name, self.activation = name, activation
-        self.kernel = np.zeros((kernel_size, kernel_size, input_channels, filters),
-                               np.float32)
-        self.bias = np.zeros(filters, np.float32)
-        self.first = False           # set for the input layer: no dx needed
+class Layer:
+    params = ()          # learned weights, in Keras's order: ("kernel", "bias")
+    state = ()           # weights kept but not learned (none in this network)
+    first = False        # True for the network's first layer: no dx needed
+
+    def __init__(self, name=None):
+        self.name = name
+
+    def build(self, input_shape, dtype):
+        """Make the weights for this input shape; return the output shape."""
+        return input_shape
+
+
+def _activation(name):
+    if name not in (None, "relu", "softmax"):
+        raise ValueError(f"activation={name!r}: the NumPy twin has relu and "
+                         "softmax (write its forward and backward to add another)")
+    return name
+
+
+class Conv2D(Layer):
+    """keras.layers.Conv2D(filters, kernel_size, activation): conv2d_forward,
+    then relu_forward if activation="relu". "valid" padding, stride 1."""
+    params = ("kernel", "bias")
+
+    def __init__(self, filters, kernel_size, activation=None, name=None):
+        super().__init__(name)
+        if isinstance(kernel_size, (tuple, list)):
+            if len(set(kernel_size)) != 1:
+                raise ValueError("the NumPy twin's Conv2D takes square kernels")
+            kernel_size = kernel_size[0]
+        self.filters, self.kernel_size = filters, kernel_size
+        self.activation = _activation(activation)
+
+    def build(self, input_shape, dtype):                 # (H, W, C) -> (H', W', F)
+        H, W, C = input_shape
+        K, F = self.kernel_size, self.filters
+        self.kernel = np.zeros((K, K, C, F), dtype)       # Keras's layout
+        self.bias = np.zeros(F, dtype)
+        return (H - K + 1, W - K + 1, F)
 
     def forward(self, x, training=False):
         out, self.cache = conv2d_forward(x, self.kernel, self.bias)
@@ -446,9 +474,18 @@ class Conv2D:
         return dx
 
 
-class MaxPooling2D:
+class MaxPooling2D(Layer):
+    """keras.layers.MaxPooling2D(pool_size): maxpool2d_forward."""
+
     def __init__(self, pool_size=2, name=None):
-        self.pool_size, self.name = pool_size, name
+        super().__init__(name)
+        if pool_size not in (2, (2, 2)):
+            raise ValueError("the NumPy twin's fast max-pool is written for 2 x 2 windows")
+        self.pool_size = 2
+
+    def build(self, input_shape, dtype):                 # (H, W, C) -> (H // 2, W // 2, C)
+        H, W, C = input_shape
+        return (H // 2, W // 2, C)
 
     def forward(self, x, training=False):
         out, self.cache = maxpool2d_forward(x, self.pool_size)
@@ -458,9 +495,11 @@ class MaxPooling2D:
         return maxpool2d_backward(dout, self.cache)
 
 
-class Flatten:
-    def __init__(self, name=None):
-        self.name = name
+class Flatten(Layer):
+    """keras.layers.Flatten(): flatten_forward."""
+
+    def build(self, input_shape, dtype):                 # (H, W, C) -> (H*W*C,)
+        return (int(np.prod(input_shape)),)
 
     def forward(self, x, training=False):
         out, self.shape = flatten_forward(x)
@@ -470,17 +509,28 @@ class Flatten:
         return flatten_backward(dout, self.shape)
 
 
-class Dense:
-    def __init__(self, units, activation=None, name=None, input_dim=None):
-        self.name, self.activation = name, activation
-        self.kernel = np.zeros((input_dim, units), np.float32)
-        self.bias = np.zeros(units, np.float32)
+class Dense(Layer):
+    """keras.layers.Dense(units, activation): dense_forward, then relu_forward
+    if activation="relu". "softmax" is applied by the loss (from the logits)
+    and by predict."""
+    params = ("kernel", "bias")
+
+    def __init__(self, units, activation=None, name=None):
+        super().__init__(name)
+        self.units, self.activation = units, _activation(activation)
+
+    def build(self, input_shape, dtype):                 # (D,) -> (U,)
+        if len(input_shape) != 1:
+            raise ValueError(f"Dense {self.name} gets input of shape {input_shape}: "
+                             "put Flatten() before it (the twins' Dense takes vectors)")
+        self.kernel = np.zeros((input_shape[0], self.units), dtype)   # (D, U)
+        self.bias = np.zeros(self.units, dtype)
+        return (self.units,)
 
     def forward(self, x, training=False):
         out, self.cache = dense_forward(x, self.kernel, self.bias)
         if self.activation == "relu":                 # in place, as in Conv2D
             out, self.relu_cache = relu_forward(out, in_place=True)
-        # "softmax" is applied by the loss (from the logits) and by predict.
         return out
 
     def backward(self, dout):
@@ -490,252 +540,203 @@ class Dense:
         return dx
 
 
-class Dropout:
-    """At training time the mask of the whole batch is drawn first (by
-    Model.loss_and_grads, with draw_mask) and each slice of the batch gets its
-    rows as batch_mask: the random numbers do not depend on how the batch is
-    split across threads."""
+class Dropout(Layer):
+    """keras.layers.Dropout(rate): dropout_mask and dropout_forward at
+    training time, nothing at inference."""
 
-    def __init__(self, rate, rng, name=None):
-        self.rate, self.rng, self.name = rate, rng, name
-        self.batch_mask = None
+    def __init__(self, rate, name=None):
+        super().__init__(name)
+        self.rate = rate
+        self.rng = None          # the model's dropout random stream, given at build
+        self.batch_mask = None   # or a mask handed in for this batch (speedup.py)
 
-    def draw_mask(self, shape, dtype):
-        return dropout_mask(shape, self.rate, self.rng, dtype)
+    def build(self, input_shape, dtype):
+        self.dtype = dtype
+        return input_shape
+
+    def draw_mask(self, shape):
+        return dropout_mask(shape, self.rate, self.rng, self.dtype)
 
     def forward(self, x, training=False):
-        if not training or self.rate == 0:
+        mask, self.batch_mask = self.batch_mask, None  # a handed-in mask serves once
+        if not training:
             self.mask = None
             return x                                   # identity at inference
-        if self.batch_mask is None:                    # used on its own
-            self.batch_mask = self.draw_mask(x.shape, x.dtype)
-        out, self.mask = dropout_forward(x, self.batch_mask)
-        self.batch_mask = None                         # one mask, one batch
+        if mask is None:
+            mask = self.draw_mask(x.shape)             # (N, U)
+        out, self.mask = dropout_forward(x, mask)
         return out
 
     def backward(self, dout):
         return dout if self.mask is None else dropout_backward(dout, self.mask)
 
 
-def forward(layers, x, dtype, training=False):
+class Input:
+    """keras.Input(shape): the shape of one example, without the batch axis."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+class Sequential:
+    """keras.Sequential for the layers above: builds them in order, each on
+    the shape the one before it gives, then sets the starting weights.
+
+    seed: the starting weights (common.initial_weights) and the dropout masks.
+    threads: how many slices speedup.py cuts a batch into (default: one per core).
+    """
+
+    def __init__(self, layers, seed=0, dtype="float32", threads=None):
+        (self.input, *self.layers), self.dtype = layers, np.dtype(dtype)
+        self.threads = threads or speedup.cores()
+        rng = common.random_streams(seed)["dropout"]
+        shape, taken = self.input.shape, set()
+        for layer in self.layers:
+            layer.name = layer.name or _unique_name(type(layer).__name__, taken)
+            taken.add(layer.name)
+            layer.input_shape = shape
+            shape = layer.output_shape = layer.build(shape, self.dtype)
+            if isinstance(layer, Dropout):
+                layer.rng = rng
+        self.layers[0].first = True
+        last = self.layers[-1]
+        if not (isinstance(last, Dense) and last.activation == "softmax") or any(
+                getattr(layer, "activation", None) == "softmax" for layer in self.layers[:-1]):
+            raise ValueError("end the network with Dense(classes, activation=\"softmax\"), "
+                             "and use softmax nowhere else: the loss is computed from "
+                             "the last layer's logits, as in the Keras twin")
+        self.set_weights(common.initial_weights(self.weight_shapes(), seed, self.dtype))
+
+    def weight_shapes(self):
+        """{"conv1/kernel": (3, 3, 1, 32), ...}, layer by layer in Keras's order."""
+        return {f"{layer.name}/{part}": getattr(layer, part).shape
+                for layer in self.layers for part in layer.params + layer.state}
+
+    def set_weights(self, weights, source="The weights given"):
+        """Take {"conv1/kernel": array, ...} in Keras's layouts, as is."""
+        common.check_weights(weights, self.weight_shapes(), source)
+        for layer in self.layers:
+            for part in layer.params + layer.state:
+                setattr(layer, part, np.array(weights[f"{layer.name}/{part}"], self.dtype))
+
+    def get_weights(self):
+        return {f"{layer.name}/{part}": getattr(layer, part).copy()
+                for layer in self.layers for part in layer.params + layer.state}
+
+    def trainable_weights(self):
+        """[(key, weight, its gradient), ...] for the optimizer."""
+        return [(f"{layer.name}/{part}", getattr(layer, part), getattr(layer, "d" + part))
+                for layer in self.layers for part in layer.params]
+
+    def count_params(self):
+        return sum(int(np.prod(shape)) for shape in self.weight_shapes().values())
+
+    def summary(self):
+        """The same table as Keras's model.summary()."""
+        rows = [("Layer (type)", "Output Shape", "Param #")]
+        for layer in self.layers:
+            params = sum(getattr(layer, part).size for part in layer.params + layer.state)
+            rows.append((f"{layer.name} ({type(layer).__name__})",
+                         str((None,) + layer.output_shape), f"{params:,}"))
+        widths = (33, 24, 15)
+        print('Model: "sequential"')
+        print("┏" + "┳".join("━" * w for w in widths) + "┓")
+        for i, (a, b, c) in enumerate(rows):
+            bar = "┃" if i == 0 else "│"
+            print(f"{bar} {a:<{widths[0] - 2}} {bar} {b:<{widths[1] - 2}} "
+                  f"{bar} {c:>{widths[2] - 2}} {bar}")
+            left, mid, right, dash = ("┡", "╇", "┩", "━") if i == 0 else ("├", "┼", "┤", "─")
+            if i < len(rows) - 1:
+                print(left + mid.join(dash * w for w in widths) + right)
+        print("└" + "┴".join("─" * w for w in widths) + "┘")
+        learned = sum(getattr(layer, part).size
+                      for layer in self.layers for part in layer.params)
+        total = self.count_params()
+        for label, n in (("Total", total), ("Trainable", learned),
+                         ("Non-trainable", total - learned)):
+            print(f" {label} params: {n:,} ({_memory(n * self.dtype.itemsize)})")
+
+
+def _unique_name(class_name, taken):
+    """Keras's default layer name: the class name in snake_case (Conv2D ->
+    conv2d, BatchNormalization -> batch_normalization), then _1, _2, ..."""
+    base = "".join("_" + c.lower() if c.isupper() and i and not class_name[i - 1].isupper()
+                   else c.lower() for i, c in enumerate(class_name))
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _memory(size):
+    """Bytes as Keras's summary writes them: 879.04 KB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.2f} {unit}"
+        size /= 1024
+
+
+def build_model(dropout=0.5, seed=0, dtype="float32"):
+    """The twins' network, declared once. Compare mnist_cnn_keras.build_model:
+    the same layers, in the same words. Edit both the same way to change the
+    network (README: "Change the network"): every shape follows from these
+    lines, and model.summary() prints them."""
+    return Sequential([
+        Input(shape=(28, 28, 1)),
+        Conv2D(32, 3, activation="relu", name="conv1"),
+        MaxPooling2D(2, name="pool1"),
+        Conv2D(64, 3, activation="relu", name="conv2"),
+        MaxPooling2D(2, name="pool2"),
+        Flatten(name="flatten"),
+        Dense(128, activation="relu", name="dense1"),
+        Dropout(dropout, name="dropout"),
+        Dense(10, activation="softmax", name="dense2"),
+    ], seed=seed, dtype=dtype)
+
+
+# =============================================================================
+# Train: forward, loss, backward, Adam
+# =============================================================================
+
+def forward(layers, x, training=False):
     """Run x through the layers in order: (N, 28, 28, 1) -> logits (N, 10)."""
-    out = x.astype(dtype, copy=False)
+    out = x
     for layer in layers:
         out = layer.forward(out, training)
     return out
 
 
-# --- The whole machine: threads and memory ------------------------------------
+def loss_and_grads(layers, x, y, batch_size):
+    """The whole of backpropagation: forward, loss, backward.
 
-# Threads (see Model.on_slices). A slice of fewer examples than this is not
-# worth a thread of its own.
-MIN_SLICE = 16
-_POOL = {}
-_BLAS = None
-
-
-def _pool(threads):
-    """One pool of worker threads per size, started once and reused."""
-    if threads not in _POOL:
-        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="slice")
-    return _POOL[threads]
-
-
-def _blas_threads(limit):
-    """A `with` block in which BLAS (NumPy's matrix products) uses at most
-    `limit` threads. threadpoolctl finds the BLAS library NumPy loaded."""
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=limit, user_api="blas")
-
-
-def keep_freed_memory():
-    """Memory reuse across batches.
-
-    Every training step makes the same big arrays again (im2col matrices,
-    feature maps and their gradients, tens of MB for a batch of 128) and
-    drops them when the step ends. By default the C allocator that NumPy uses
-    (glibc's malloc) hands blocks this large back to the operating system
-    when they are freed, so the next step must get fresh ones: the OS then
-    zero-fills every new page on first touch, one page fault at a time.
-    Raising two of glibc's thresholds makes it keep freed memory for the next
-    batch instead: on the machine the README's numbers come from, a threaded
-    step took about 40 ms without this and about 30 ms with it. Only glibc
-    (Linux) has mallopt; elsewhere this does nothing.
+    x: (N, 28, 28, 1), y: (N,)  ->  the mean loss and the probs (N, 10); each
+    layer keeps the gradients of its weights (dkernel, dbias). batch_size is
+    the N the loss is averaged over: len(x), unless x is one slice of a
+    bigger batch (speedup.py).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):             # another C library
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # from glibc's malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)   # blocks up to 32 MB come from the reusable heap
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)    # and free heap memory is kept (up to 1 GB)
+    logits = forward(layers, x, training=True)                     # (N, 10)
+    loss, probs = softmax_cross_entropy(logits, y)
+    dout = softmax_cross_entropy_backward(probs, y, batch_size)    # dlogits (N, 10)
+    for layer in reversed(layers):
+        # The chain rule, one layer at a time from the loss back to the
+        # input: dout becomes dLoss/d(this layer's input), and the layer
+        # keeps dLoss/d(its weights).
+        dout = layer.backward(dout)
+    return loss, probs
 
 
-def cores():
-    """The CPU cores this process may use."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def train_step(model, optimizer, x, y):
+    """One step of training on one batch; returns the batch's (loss, probs)."""
+    # --- The speed-up, in this one place -----------------------------------
+    # On one core this line is loss_and_grads(model.layers, x, y, len(x)).
+    # train_in_slices runs it on one slice of the batch per core, at the same
+    # time, and adds the slices' gradients up: the same numbers, sooner.
+    loss, probs = speedup.train_in_slices(model, loss_and_grads, x, y)
+    # ---------------------------------------------------------------------------
+    optimizer.update(model.trainable_weights())
+    return loss, probs
 
-
-class Model:
-    """The twins' network, layer by layer as in mnist_cnn_keras.build_model.
-
-    threads: how many slices a batch is cut into (default: one per core).
-    """
-
-    def __init__(self, seed=0, dropout=0.5, dtype=np.float32, threads=None):
-        self.dtype = np.dtype(dtype)
-        self.threads = threads or cores()
-        rng = common.random_streams(seed)["dropout"]
-        self.layers = [
-            Conv2D(32, 3, activation="relu", name="conv1", input_channels=1),
-            MaxPooling2D(2, name="pool1"),
-            Conv2D(64, 3, activation="relu", name="conv2", input_channels=32),
-            MaxPooling2D(2, name="pool2"),
-            Flatten(name="flatten"),
-            Dense(128, activation="relu", name="dense1", input_dim=1600),
-            Dropout(dropout, rng, name="dropout"),
-            Dense(10, activation="softmax", name="dense2", input_dim=128),
-        ]
-        self.layers[0].first = True
-        self.set_weights(common.initial_weights(seed, self.dtype))
-
-    def trainable(self):
-        return [layer for layer in self.layers if hasattr(layer, "kernel")]
-
-    def set_weights(self, weights):
-        """Take {"conv1/kernel": array, ...} in Keras's layouts, as is."""
-        for layer in self.trainable():
-            layer.kernel = np.array(weights[f"{layer.name}/kernel"], self.dtype)
-            layer.bias = np.array(weights[f"{layer.name}/bias"], self.dtype)
-
-    def get_weights(self):
-        weights = {}
-        for layer in self.trainable():
-            weights[f"{layer.name}/kernel"] = layer.kernel.copy()
-            weights[f"{layer.name}/bias"] = layer.bias.copy()
-        return weights
-
-    def logits(self, x):
-        """The forward pass (inference) up to the last Dense layer's output z, (N, 10)."""
-        return np.concatenate(self.on_slices(
-            len(x), lambda layers, rows: forward(layers, x[rows], self.dtype)))
-
-    def loss_and_grads(self, x, y, training=True):
-        """Forward, loss, then backward through every layer in reverse.
-
-        Returns (loss, probs) of the batch; each layer with weights keeps the
-        batch's dkernel and dbias. The batch is cut into one slice per core
-        (see on_slices): the loss is a mean over examples, so the batch's
-        gradient is the sum of the slices' gradients when each slice divides
-        by the whole batch's N.
-        """
-        n = len(x)
-        d = next(i for i, layer in enumerate(self.layers) if isinstance(layer, Dropout))
-        dropout = self.layers[d]
-        mask = (dropout.draw_mask((n,) + common.LAYERS[d][2], self.dtype)
-                if training and dropout.rate > 0 else None)   # (N, 128)
-
-        def work(layers, rows):
-            if mask is not None:
-                layers[d].batch_mask = mask[rows]
-            logits = forward(layers, x[rows], self.dtype, training)
-            loss, probs = softmax_cross_entropy(logits, y[rows])
-            dout = softmax_cross_entropy_backward(probs, y[rows], n)   # (rows, 10)
-            for layer in reversed(layers):
-                dout = layer.backward(dout)
-            grads = [(layer.dkernel, layer.dbias) for layer in layers
-                     if hasattr(layer, "kernel")]
-            return loss * len(probs) / n, probs, grads
-
-        results = self.on_slices(n, work)
-        for i, layer in enumerate(self.trainable()):
-            layer.dkernel = sum(grads[i][0] for _, _, grads in results)
-            layer.dbias = sum(grads[i][1] for _, _, grads in results)
-        loss = sum(part_loss for part_loss, _, _ in results)
-        return loss, np.concatenate([probs for _, probs, _ in results])
-
-    def on_slices(self, n, work):
-        """Run work(layers, rows) on each slice of a batch of n, one thread each.
-
-        Why threads: a matrix product (BLAS) uses every core, but NumPy's
-        elementwise operations (im2col copies, ReLU, max-pool, ...) use one,
-        and they took about two thirds of a training step. So each core gets a
-        slice of the batch and runs the whole network on it, with BLAS held
-        to one thread per slice: now both kinds of work use every core.
-        NumPy releases Python's lock (the GIL) inside its operations, so the
-        threads really run at the same time. Each slice gets a shallow copy
-        of the layers: the copies share the weight arrays (nothing is copied)
-        but keep their own caches. Batches too small to be worth it run as
-        one slice, on the layers themselves. Returns work's results in order.
-        """
-        cuts = np.linspace(0, n, min(self.threads, n // MIN_SLICE) + 1).astype(int)
-        slices = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])] or [slice(0, n)]
-        if len(slices) == 1:
-            return [work(self.layers, slices[0])]
-        copies = [[copy.copy(layer) for layer in self.layers] for _ in slices]
-        with _blas_threads(1):
-            return list(_pool(len(slices)).map(work, copies, slices))
-
-    def predict(self, x, batch_size=256):
-        """Class probabilities, a batch at a time (bounded memory)."""
-        return np.concatenate([softmax(self.logits(x[i:i + batch_size]))
-                               for i in range(0, len(x), batch_size)])
-
-    def evaluate(self, x, y, batch_size=256):
-        """(mean loss, accuracy, probs) over all of x, a batch at a time."""
-        loss_sum, probs = 0.0, []
-        for i in range(0, len(x), batch_size):
-            loss, p = softmax_cross_entropy(self.logits(x[i:i + batch_size]),
-                                            y[i:i + batch_size])
-            loss_sum += float(loss) * len(p)
-            probs.append(p)
-        probs = np.concatenate(probs)
-        return loss_sum / len(x), float((probs.argmax(axis=1) == y).mean()), probs
-
-    def feature_maps(self, image):
-        """The outputs of the conv and pool layers for one image, for the figure."""
-        out, maps = image[None].astype(self.dtype), []
-        for layer in self.layers:
-            out = layer.forward(out)
-            if layer.name in common.FEATURE_LAYERS:
-                maps.append((layer.name, out[0]))
-        return maps
-
-    def summary(self):
-        """The same table as Keras's model.summary()."""
-        rows = [("Layer (type)", "Output Shape", "Param #")]
-        for layer, (name, _, shape) in zip(self.layers, common.LAYERS):
-            params = (layer.kernel.size + layer.bias.size
-                      if hasattr(layer, "kernel") else 0)
-            rows.append((f"{name} ({type(layer).__name__})",
-                         str((None,) + shape), f"{params:,}"))
-        widths = (33, 24, 15)
-        line = "".join(("┏", "┳".join("━" * w for w in widths), "┓"))
-        print('Model: "sequential"')
-        print(line)
-        for i, (a, b, c) in enumerate(rows):
-            print(f"┃ {a:<{widths[0] - 2}} ┃ {b:<{widths[1] - 2}} ┃ {c:>{widths[2] - 2}} ┃"
-                  if i == 0 else
-                  f"│ {a:<{widths[0] - 2}} │ {b:<{widths[1] - 2}} │ {c:>{widths[2] - 2}} │")
-            sep = ("┡", "╇", "┩", "━") if i == 0 else ("├", "┼", "┤", "─")
-            if i < len(rows) - 1:
-                print(sep[0] + sep[1].join(sep[3] * w for w in widths) + sep[2])
-        print("└" + "┴".join("─" * w for w in widths) + "┘")
-        kb = common.PARAMS * self.dtype.itemsize / 1024
-        print(f" Total params: {common.PARAMS:,} ({kb:.2f} KB)")
-        print(f" Trainable params: {common.PARAMS:,} ({kb:.2f} KB)")
-        print(" Non-trainable params: 0 (0.00 B)")
-
-
-# =============================================================================
-# Train: Adam, exactly as Keras updates
-# =============================================================================
 
 class Adam:
     """Adam with Keras's defaults and Keras's exact update rule.
@@ -777,57 +778,21 @@ class Adam:
         self.iterations = t
 
 
-def adam_step(model, optimizer):
-    params = []
-    for layer in model.trainable():
-        params.append((f"{layer.name}/kernel", layer.kernel, layer.dkernel))
-        params.append((f"{layer.name}/bias", layer.bias, layer.dbias))
-    optimizer.update(params)
+def train_epoch(model, optimizer, x, y, args, epoch, rng):
+    """One pass over (x, y) in the batch order shared with the Keras twin.
 
-
-class ProgressBar:
-    """A per-epoch bar like Keras's: step/total, time, ETA, running metrics.
-    When the output is not a terminal, one line per epoch (Keras verbose=2)."""
-
-    def __init__(self, total):
-        self.total, self.start, self.tty = total, time.perf_counter(), sys.stdout.isatty()
-        self.last = 0.0
-
-    def update(self, step, metrics):
-        now = time.perf_counter()
-        if not self.tty or (now - self.last < 0.1 and step < self.total):
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / step * (self.total - step)
-        bar = "━" * int(20 * step / self.total)
-        print(f"\r{step:>{len(str(self.total))}}/{self.total} {bar:<20} "
-              f"{elapsed:.0f}s (ETA {eta:.0f}s) - {_metrics(metrics)}",
-              end="", flush=True)
-
-    def close(self, metrics):
-        elapsed = time.perf_counter() - self.start
-        line = (f"{self.total}/{self.total} - {elapsed:.0f}s - "
-                f"{1000 * elapsed / self.total:.0f}ms/step - {_metrics(metrics)}")
-        print("\r" + line + "\033[K" if self.tty else line, flush=True)
-
-
-def _metrics(metrics):
-    return " - ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
-
-
-def train_epoch(model, optimizer, x, y, batch_size, rng):
-    """One pass over (x, y) in the shared batch order; returns (loss, acc).
-
-    Running loss and accuracy are averaged over examples, as Keras reports.
+    Returns (bar, loss, accuracy): the epoch's progress bar, for train() to
+    close with the validation figures, and the running loss and accuracy,
+    averaged over examples as Keras reports them. A loss that stops being a
+    number ends training with a message (as Keras's TerminateOnNaN would).
     """
-    steps = -(-len(x) // batch_size)
-    bar = ProgressBar(steps)
+    bar = common.ProgressBar(-(-len(x) // args.batch_size))
     loss_sum = correct = seen = 0
     for step, (xb, yb) in enumerate(
-            data_utils.iterate_minibatches(x, y, batch_size, rng), start=1):
-        loss, probs = model.loss_and_grads(xb, yb, training=True)
-        adam_step(model, optimizer)
+            data_utils.iterate_minibatches(x, y, args.batch_size, rng), start=1):
+        loss, probs = train_step(model, optimizer, xb, yb)
+        if not np.isfinite(loss):
+            raise common.diverged(epoch, step, f"the loss became {loss}", args.lr)
         loss_sum += float(loss) * len(yb)
         correct += int((probs.argmax(axis=1) == yb).sum())
         seen += len(yb)
@@ -836,54 +801,95 @@ def train_epoch(model, optimizer, x, y, batch_size, rng):
 
 
 def train(model, train_set, val_set, args):
+    """args.epochs epochs of Adam, validating after each, as model.fit does.
+    Returns the history (per-epoch metrics) and each epoch's seconds.
+
+    Training that blows up (a learning rate far too large) stops with one
+    message: the loss is checked after every step, the validation loss and
+    the weights after every epoch. NumPy's own overflow warnings are
+    silenced here, since that message says more.
+    """
     (x, y), rng = train_set, common.random_streams(args.seed)["batches"]
-    keep_freed_memory()
+    speedup.keep_freed_memory()
     optimizer = Adam(args.lr)
     history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     epoch_seconds = []
-    for epoch in range(args.epochs):
-        print(f"Epoch {epoch + 1}/{args.epochs}", flush=True)
+    for epoch in range(1, args.epochs + 1):
+        print(f"Epoch {epoch}/{args.epochs}", flush=True)
         start = time.perf_counter()
-        bar, loss, acc = train_epoch(model, optimizer, x, y, args.batch_size, rng)
-        val_loss, val_acc, _ = model.evaluate(*val_set)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bar, loss, acc = train_epoch(model, optimizer, x, y, args, epoch, rng)
+            val_loss, val_acc, _ = evaluate(model, *val_set)
         epoch_seconds.append(time.perf_counter() - start)
         for key, value in zip(history, (loss, acc, val_loss, val_acc)):
             history[key].append(value)
         bar.close({"accuracy": acc, "loss": loss,
                    "val_accuracy": val_acc, "val_loss": val_loss})
+        problem = common.not_finite(history, model.get_weights())
+        if problem:
+            raise common.diverged(epoch, None, problem, args.lr)
     return history, epoch_seconds
 
 
 # =============================================================================
-# Evaluate and report: Model.evaluate, Model.predict and Model.feature_maps
-# (above) run the network in batches; the files are the Keras twin's.
+# Evaluate: the network at inference (no dropout), a batch at a time
 # =============================================================================
+
+def logits(model, x):
+    """forward(model.layers, x): the logits (N, 10), one slice per core."""
+    return speedup.forward_in_slices(model, forward, x.astype(model.dtype, copy=False))
+
+
+def predict(model, x, batch_size=256):
+    """Class probabilities (N, 10), a batch at a time (bounded memory)."""
+    return np.concatenate([softmax(logits(model, x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model, x, y, batch_size=256):
+    """(mean loss, accuracy, probs) over all of x, a batch at a time."""
+    loss_sum, probs = 0.0, []
+    for i in range(0, len(x), batch_size):
+        loss, p = softmax_cross_entropy(logits(model, x[i:i + batch_size]),
+                                        y[i:i + batch_size])
+        loss_sum += float(loss) * len(p)
+        probs.append(p)
+    probs = np.concatenate(probs)
+    return loss_sum / len(x), float((probs.argmax(axis=1) == y).mean()), probs
+
+
+def feature_maps(model, image):
+    """What each conv and pool layer (each layer with an (H, W, C) output)
+    makes of one image, for the figure: [(layer name, (H, W, C)), ...]."""
+    out, maps = image[None].astype(model.dtype), []
+    for layer in model.layers:
+        out = layer.forward(out)
+        if len(layer.output_shape) == 3:
+            maps.append((layer.name, out[0]))
+    return maps
 
 
 # =============================================================================
-# main
+# main: the same steps, files and printed lines as the Keras twin
 # =============================================================================
 
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
     out = common.prepare_out_dir(args.out)
-    start_weights = (common.load_weights(args.load_weights) if args.load_weights
-                     else common.initial_weights(args.seed))
-
     spec = data_utils.DATASETS[args.dataset]
     title = f"NumPy twin, {spec['title']}"
-    if args.predict and args.load_weights:       # only classify the user's images
-        model = Model(args.seed)
-        model.set_weights(start_weights)
-        return own_digits.report(args.predict, model.predict, spec["classes"],
-                                 out, "numpy", title)
+
+    # Model: the shared starting weights for the seed, or a weights file
+    # written by either twin (checked against this network before any work).
+    model = build_model(seed=args.seed)
+    if args.load_weights:
+        model.set_weights(common.load_weights(args.load_weights, model.weight_shapes()))
+        if args.predict:                          # only classify the user's images
+            return own_digits.report(args.predict, lambda x: predict(model, x),
+                                     spec["classes"], out, "numpy", title)
 
     # Data: the same arrays, split and batches as the Keras twin.
     train_set, val_set, (x_test, y_test) = common.load_splits(args)
-
-    # Model: the shared starting weights (or a weights file of either twin).
-    model = Model(args.seed)
-    model.set_weights(start_weights)
     model.summary()
 
     # Train
@@ -894,11 +900,11 @@ def main(argv=None):
         history, epoch_seconds = train(model, train_set, val_set, args)
 
     # Evaluate
-    test_loss, test_accuracy, probs = model.evaluate(x_test, y_test)
+    test_loss, test_accuracy, probs = evaluate(model, x_test, y_test)
 
-    # Report
-    report = common.make_report("numpy", args, len(train_set[0]), test_accuracy,
-                                test_loss, epoch_seconds, history)
+    # Report: the same files and the same last line as the Keras twin.
+    report = common.make_report("numpy", args, model.count_params(), len(train_set[0]),
+                                test_accuracy, test_loss, epoch_seconds, history)
     written = [out / ("numpy.eval.json" if args.eval_only else "numpy.json")]
     common.write_report(written[0], report)
     if not args.eval_only:
@@ -909,12 +915,12 @@ def main(argv=None):
         written += plots.all_figures("numpy", out, report["history"], x_test,
                                      y_test, probs, spec["classes"], title,
                                      model.layers[0].kernel,
-                                     model.feature_maps(x_test[0]))
+                                     feature_maps(model, x_test[0]))
     print("Wrote " + ", ".join(str(p) for p in written))
     print(common.summary_line(report))
     if args.predict:
-        return own_digits.report(args.predict, model.predict, spec["classes"],
-                                 out, "numpy", title)
+        return own_digits.report(args.predict, lambda x: predict(model, x),
+                                 spec["classes"], out, "numpy", title)
     return 0
 
 

@@ -37,19 +37,20 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
 import data_utils  # noqa: E402
+import mnist_cnn_numpy  # noqa: E402
 
-# Multiply-adds for one 28x28 image (output positions x window size x filters).
-FORWARD_MACS = {
-    "conv1": 26 * 26 * (3 * 3 * 1) * 32,      # 194,688
-    "conv2": 11 * 11 * (3 * 3 * 32) * 64,     # 2,230,272
-    "dense1": 1600 * 128,                     # 204,800
-    "dense2": 128 * 10,                       # 1,280
-}
-# Backward: each layer's dkernel costs as much as its forward; so does its
-# dx, except for conv1, whose input needs no gradient.
-BACKWARD_MACS = sum(2 * m for m in FORWARD_MACS.values()) - FORWARD_MACS["conv1"]
-TRAIN_MACS = sum(FORWARD_MACS.values()) + BACKWARD_MACS          # per training image
-EVAL_MACS = sum(FORWARD_MACS.values())                           # per validation image
+
+
+def multiply_adds(model):
+    """Multiply-adds per image of a training step and of an evaluation, read
+    off the NumPy twin's model: a layer with a kernel makes kernel.size of
+    them at each output position (H' x W' for a conv layer, 1 for a dense one).
+    Backward, each such layer's dkernel costs as much as its forward, and so
+    does its dx, except for the first layer's, which is never computed."""
+    forward = [layer.kernel.size * int(np.prod(layer.output_shape[:-1]))
+               for layer in model.layers if "kernel" in layer.params]
+    first = forward[0] if "kernel" in model.layers[0].params else 0
+    return sum(forward) + 2 * sum(forward) - first, sum(forward)
 
 
 def matmul_gflops(repeats=20):
@@ -156,7 +157,8 @@ def main(argv=None):
                          "peak_memory_mb": max(memory[twin]),
                          "test_accuracy": reports[twin]["test_accuracy"]}
     ratio = results["numpy"]["seconds_per_epoch"] / results["keras"]["seconds_per_epoch"]
-    flops = 2 * (images * TRAIN_MACS + val_images * EVAL_MACS)
+    train_macs, eval_macs = multiply_adds(mnist_cnn_numpy.build_model())
+    flops = 2 * (images * train_macs + val_images * eval_macs)
     achieved = flops / results["numpy"]["seconds_per_epoch"] / 1e9
     results["ratio_numpy_over_keras"] = ratio
     results["ratio_per_round"] = round_ratios

@@ -15,6 +15,7 @@ import pytest
 
 import common
 import mnist_cnn_numpy as nn
+import speedup
 
 RNG = np.random.default_rng(1234)
 
@@ -232,19 +233,20 @@ def test_whole_model_gradients():
     # kink, so that nearly every step of a conv1 bias crossed it (seeds 0-7
     # of this generator were all checked and pass).
     rng = np.random.default_rng(WHOLE_MODEL_SEED)
-    model = nn.Model(seed=3, dropout=0.0, dtype=np.float64)
-    for layer in model.trainable():                         # non-zero biases too
-        layer.bias[:] = rng.normal(size=layer.bias.shape) * 0.1
-    x = rng.random((2, 28, 28, 1))
+    model = nn.build_model(dropout=0.0, seed=3, dtype="float64")
+    for layer in model.layers:                              # non-zero biases too
+        if "bias" in layer.params:
+            layer.bias[:] = rng.normal(size=layer.bias.shape) * 0.1
+    x = rng.random((2,) + model.input.shape)
     y = np.array([1, 7])
-    model.loss_and_grads(x, y)
+    nn.loss_and_grads(model.layers, x, y, len(x))
     base = kinks(model)
 
     def loss():
-        return nn.softmax_cross_entropy(model.logits(x), y)[0]
+        return nn.softmax_cross_entropy(nn.logits(model, x), y)[0]
 
-    for layer in model.trainable():
-        for name in ("kernel", "bias"):
+    for layer in model.layers:
+        for name in layer.params:
             flat, grad = getattr(layer, name).reshape(-1), getattr(layer, "d" + name).reshape(-1)
             checked, numeric, skipped = [], [], 0
             for i in rng.permutation(flat.size):
@@ -270,23 +272,24 @@ def test_threads_change_nothing_but_rounding():
     """A batch cut into slices on threads gives the loss, probabilities and
     gradients of the whole batch at once, with the same dropout masks: in
     float64 equal to rounding, whatever the number of slices."""
-    x = RNG.random((3 * nn.MIN_SLICE + 5, 28, 28, 1))
+    x = RNG.random((3 * speedup.MIN_SLICE + 5, 28, 28, 1))
     y = RNG.integers(0, 10, len(x))
     results = []
     for threads in (1, 2, 3):
-        model = nn.Model(seed=5, dtype=np.float64, threads=threads)
-        assert len(model.on_slices(len(x), lambda layers, rows: rows)) == threads
-        loss, probs = model.loss_and_grads(x, y)               # dropout on
-        grads = [g for layer in model.trainable() for g in (layer.dkernel, layer.dbias)]
-        results.append((loss, probs, grads))
-    for loss, probs, grads in results[1:]:
+        model = nn.build_model(seed=5, dtype="float64")              # dropout on
+        model.threads = threads
+        assert len(speedup.slices(len(x), threads)) == threads
+        loss, probs = speedup.train_in_slices(model, nn.loss_and_grads, x, y)
+        grads = [g for _, _, g in model.trainable_weights()]
+        results.append((loss, probs, grads, nn.logits(model, x)))
+    for loss, probs, grads, logits in results[1:]:
         assert abs(loss - results[0][0]) < 1e-13
         assert rel_error(probs, results[0][1]) < 1e-13
+        assert rel_error(logits, results[0][3]) < 1e-13
         for got, want in zip(grads, results[0][2]):
             assert rel_error(got, want) < 1e-12
-    # Small batches are not split: one slice, on the model's own layers.
-    assert nn.Model(threads=4).on_slices(nn.MIN_SLICE, lambda layers, rows: rows) == \
-        [slice(0, nn.MIN_SLICE)]
+    # Small batches are not split: one slice.
+    assert speedup.slices(speedup.MIN_SLICE, 4) == [slice(0, speedup.MIN_SLICE)]
 
 
 # --- Adam --------------------------------------------------------------------
@@ -319,37 +322,75 @@ def test_adam_keeps_float32():
 
 # --- The model ---------------------------------------------------------------
 
-def test_model_shapes_params_and_dtype():
-    model = nn.Model(seed=0)
-    params = sum(layer.kernel.size + layer.bias.size for layer in model.trainable())
-    assert params == common.PARAMS == 225034
-    x = RNG.random((2, 28, 28, 1)).astype(np.float32)
+def test_model_builds_from_its_declaration():
+    """Every layer's weights and output shape are inferred from the input
+    shape, as in Keras: running the layers gives exactly the shapes that
+    build() worked out, and the parameter count is the weights' sizes."""
+    model = nn.build_model(seed=0)
+    weights = model.get_weights()
+    assert list(weights) == list(model.weight_shapes())
+    assert model.count_params() == sum(w.size for w in weights.values())
+    x = RNG.random((2,) + model.input.shape).astype(np.float32)
     out = x
-    for layer, (name, _, shape) in zip(model.layers, common.LAYERS):
+    for layer in model.layers:
+        assert layer.input_shape == out.shape[1:]
         out = layer.forward(out)
-        assert layer.name == name and out.shape == (2,) + shape and out.dtype == np.float32
-    loss, probs = model.loss_and_grads(x, np.array([0, 1]))
-    assert all(layer.dkernel.dtype == np.float32 for layer in model.trainable())
+        assert out.shape == (2,) + layer.output_shape and out.dtype == np.float32
+    nn.loss_and_grads(model.layers, x, np.array([0, 1]), 2)
+    for key, w, g in model.trainable_weights():
+        assert g.shape == w.shape and g.dtype == np.float32, key
+
+
+def test_editing_a_layer_changes_the_network():
+    """The declaration is the network: other filters and units give other
+    weights, and nothing else needs changing (the default network's
+    build_model with two numbers edited, written out here)."""
+    model = nn.Sequential([
+        nn.Input(shape=(28, 28, 1)),
+        nn.Conv2D(16, 3, activation="relu", name="conv1"),
+        nn.MaxPooling2D(2, name="pool1"),
+        nn.Flatten(name="flatten"),
+        nn.Dense(64, activation="relu", name="dense1"),
+        nn.Dense(10, activation="softmax", name="dense2"),
+    ])
+    shapes = model.weight_shapes()
+    assert shapes["conv1/kernel"][-1] == 16 and shapes["dense1/kernel"][-1] == 64
+    assert shapes["dense1/kernel"][0] == int(np.prod(model.layers[1].output_shape))
+    x = RNG.random((3,) + model.input.shape)
+    assert nn.logits(model, x).shape == (3,) + model.layers[-1].output_shape
+
+
+def test_a_network_must_end_in_softmax():
+    with pytest.raises(ValueError, match="softmax"):
+        nn.Sequential([nn.Input(shape=(4, 4, 1)), nn.Flatten(), nn.Dense(3)])
+    with pytest.raises(ValueError, match="Flatten"):
+        nn.Sequential([nn.Input(shape=(4, 4, 1)), nn.Dense(3, activation="softmax")])
 
 
 def test_initial_weights_are_glorot_uniform():
-    w = common.initial_weights(0)
-    for key, shape in (("conv2/kernel", (3, 3, 32, 64)), ("dense1/kernel", (1600, 128))):
-        fan_in, fan_out = (9 * 32, 9 * 64) if key.startswith("conv") else shape
+    shapes = nn.build_model().weight_shapes()
+    w = common.initial_weights(shapes, 0)
+    kernels = [key for key in shapes if key.endswith("/kernel")]
+    for key in kernels:
+        shape = shapes[key]
+        receptive = int(np.prod(shape[:-2]))
+        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
         limit = np.sqrt(6 / (fan_in + fan_out))
         assert w[key].shape == shape and np.abs(w[key]).max() <= limit
-        # U(-a, a) has standard deviation a / sqrt(3)
-        assert abs(w[key].std() - limit / np.sqrt(3)) < 0.02 * limit
-    assert not w["dense2/bias"].any()
-    assert np.array_equal(w["conv1/kernel"], common.initial_weights(0)["conv1/kernel"])
-    assert not np.array_equal(w["conv1/kernel"], common.initial_weights(1)["conv1/kernel"])
+        if w[key].size > 1000:            # enough numbers for the statistics
+            # U(-a, a) has standard deviation a / sqrt(3)
+            assert abs(w[key].std() - limit / np.sqrt(3)) < 0.02 * limit, key
+    assert not any(w[key].any() for key in shapes if key.endswith("/bias"))
+    again, other = common.initial_weights(shapes, 0), common.initial_weights(shapes, 1)
+    assert all(np.array_equal(w[k], again[k]) for k in kernels)
+    assert not any(np.array_equal(w[k], other[k]) for k in kernels)
 
 
 def test_predict_and_evaluate_in_batches():
-    model = nn.Model(seed=0)
+    model = nn.build_model(seed=0)
     x = RNG.random((25, 28, 28, 1)).astype(np.float32)
     y = RNG.integers(0, 10, 25)
-    whole = model.evaluate(x, y, batch_size=25)
-    pieces = model.evaluate(x, y, batch_size=7)
+    whole = nn.evaluate(model, x, y, batch_size=25)
+    pieces = nn.evaluate(model, x, y, batch_size=7)
     assert abs(whole[0] - pieces[0]) < 1e-5 and whole[1] == pieces[1]
-    assert np.allclose(model.predict(x, batch_size=4), whole[2], atol=1e-6)
+    assert np.allclose(nn.predict(model, x, batch_size=4), whole[2], atol=1e-6)

@@ -34,10 +34,9 @@ def mnist_test(real_data_dir):
 def model(mnist_test):
     """A NumPy twin trained briefly (one pass over 6,000 images): about 95%."""
     (x, y), _ = mnist_test
-    m, opt = nt.Model(seed=0), nt.Adam()
+    m, opt = nt.build_model(seed=0), nt.Adam()
     for xb, yb in data_utils.iterate_minibatches(x[:6000], y[:6000], 64, np.random.default_rng(0)):
-        m.loss_and_grads(xb, yb)
-        nt.adam_step(m, opt)
+        nt.train_step(m, opt, xb, yb)
     return m
 
 
@@ -63,7 +62,7 @@ def test_rendered_mnist_digits_come_back(mnist_test, model, tmp_path):
     similar = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(inputs, originals)]
     assert np.median(similar) > 0.85 and min(similar) > 0.5
     # And the network reads them as the original digits.
-    predicted = model.predict(inputs).argmax(axis=1)
+    predicted = nt.predict(model, inputs).argmax(axis=1)
     assert (predicted == y_test[:40]).mean() >= 0.85
     # Centre of mass in the middle, ink inside the central 20x20 box.
     ys, xs = np.indices((28, 28))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import common
+import mnist_cnn_numpy as nt
 from conftest import REPO
 
 TWINS = ["keras", "numpy"]
@@ -50,7 +51,9 @@ def test_training_run(trained, twin):
     proc, out = trained[twin]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert "Total params: 225,034" in proc.stdout
+    weights = np.load(out / f"{twin}.weights.npz", allow_pickle=False)
+    params = sum(weights[k].size for k in weights.files)
+    assert f"Total params: {params:,}" in proc.stdout
     assert "Training on 300 MNIST images, validating on 5,000." in proc.stdout
     # After training, --predict: one line per image with the top 3 classes.
     assert re.fullmatch(r".*digit\.png: \d \(\d+\.\d%\), \d \(\d+\.\d%\), \d \(\d+\.\d%\)",
@@ -64,19 +67,21 @@ def test_training_run(trained, twin):
     assert set(report) == REPORT_KEYS
     assert report["implementation"] == twin and report["dataset"] == "mnist"
     assert (report["epochs"], report["batch_size"], report["seed"]) == (1, 128, 3)
-    assert report["train_images"] == 300 and report["params"] == 225034
+    assert report["train_images"] == 300 and report["params"] == params
     assert report["learning_rate"] == 1e-3 and len(report["epoch_seconds"]) == 1
     assert all(len(v) == 1 for v in report["history"].values())
     # 300 images and 3 Adam steps: well above chance (10%), far from trained.
     assert 0.15 < report["test_accuracy"] < 0.95
     assert f"{100 * report['test_accuracy']:.2f}%" in summary
 
-    weights = np.load(out / f"{twin}.weights.npz", allow_pickle=False)
-    assert sorted(weights.files) == sorted(
-        f"{layer}/{part}" for layer, s in common.WEIGHT_SHAPES.items() for part in s)
-    for layer, shapes in common.WEIGHT_SHAPES.items():
-        for part, shape in shapes.items():
-            assert weights[f"{layer}/{part}"].shape == shape
+    shapes = nt.build_model().weight_shapes()                 # the declared network
+    assert sorted(weights.files) == sorted(shapes)
+    assert all(weights[key].shape == shape for key, shape in shapes.items())
+    # Files get the user's usual permissions (as open() would make them).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     for fig in ("curves", "predictions", "confusion", "filters", "feature_maps", "mistakes",
                 "own_images"):
         assert (out / f"{twin}_{fig}.png").stat().st_size > 1000
@@ -115,26 +120,40 @@ def write_npz(path, **arrays):
 
 
 def bad_weights(tmp_path):
-    good = common.initial_weights(0)
-    wrong_shape = dict(good, **{"conv2/kernel": np.zeros((3, 3, 32, 32), np.float32)})
-    missing = {k: v for k, v in good.items() if k != "dense1/bias"}
+    shapes = nt.build_model().weight_shapes()
+    good = common.initial_weights(shapes, 0)
+    key = [k for k in shapes if k.endswith("/kernel")][1]        # the second kernel
+    layer, shape = key.split("/")[0], shapes[key]
+    wrong = shape[:-1] + (shape[-1] + 1,)
+    bias = [k for k in shapes if k.endswith("/bias")][-2]
+    nan = dict(good, **{key: np.where(np.arange(good[key].size).reshape(shape) == 5,
+                                      np.nan, good[key])})
     (tmp_path / "text.npz").write_text("not a weights file")
     return {
         "missing_file": (tmp_path / "nope.npz", "Weights file not found"),
         "not_npz": (tmp_path / "text.npz", "is not a readable .npz file"),
-        "wrong_shape": (write_npz(tmp_path / "shape.npz", **wrong_shape),
-                        "conv2/kernel has shape (3, 3, 32, 32), expected (3, 3, 32, 64)"),
-        "missing_key": (write_npz(tmp_path / "key.npz", **missing),
-                        "no 'dense1/bias' for layer dense1 (expected shape (128,))"),
+        "wrong_shape": (write_npz(tmp_path / "shape.npz", **dict(good, **{key: np.zeros(wrong)})),
+                        f"{key} has shape {wrong}, but this model's layer {layer} needs {shape}"),
+        "missing_key": (write_npz(tmp_path / "key.npz",
+                                  **{k: v for k, v in good.items() if k != bias}),
+                        f"has no {bias!r}, which this model's layer {bias.split('/')[0]} needs"),
+        "extra_key": (write_npz(tmp_path / "extra.npz", **good, **{"bn/gamma": np.ones(3)}),
+                      "has 'bn/gamma' (shape (3,)), but this model has no such weight"),
+        "nan": (write_npz(tmp_path / "nan.npz", **nan), f"{key} holds NaN or infinite values"),
     }
 
 
 BAD_FLAGS = [
-    (["--epochs", "0"], "--epochs: must be greater than 0"),
-    (["--batch-size", "-5"], "--batch-size: must be greater than 0"),
-    (["--train-limit", "0"], "--train-limit: must be greater than 0"),
-    (["--lr", "0"], "--lr: must be greater than 0"),
+    (["--epochs", "0"], "--epochs: must be a number greater than 0"),
+    (["--batch-size", "-5"], "--batch-size: must be a number greater than 0"),
+    (["--train-limit", "0"], "--train-limit: must be a number greater than 0"),
+    (["--lr", "0"], "--lr: must be a number greater than 0"),
+    (["--lr", "nan"], "--lr: must be a number greater than 0"),
+    (["--lr", "inf"], "--lr: must be a number greater than 0"),
     (["--lr", "fast"], "--lr: 'fast' is not a number"),
+    (["--seed", "-1"], "--seed: must be between 0 and 4,294,967,295, got -1"),
+    (["--seed", str(2**32)], "--seed: must be between 0 and 4,294,967,295"),
+    (["--seed", "1.5"], "--seed: '1.5' is not a whole number"),
     (["--dataset", "cifar"], "invalid choice: 'cifar'"),
     (["--eval-only"], "--eval-only needs --load-weights"),
 ]
@@ -150,10 +169,16 @@ def test_bad_input(twin, real_data_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cases.append((["--out", blocker / "sub", "--epochs", "1"], "Cannot write to --out", 1))
+    # A learning rate that makes the weights blow up: stopped, nothing written.
+    cases.append((["--lr", "1e30", "--train-limit", "300", "--epochs", "1", "--no-plots"],
+                  "is probably too large: try a smaller one, e.g. --lr 1e+29", 1))
     for flags, message, code in cases:
         proc = run(twin, *flags, "--out", out, data_dir=real_data_dir) if "--out" not in flags \
             else run(twin, *flags, data_dir=real_data_dir)
         assert proc.returncode == code, (flags, proc.stderr)
         assert message in proc.stderr, (flags, proc.stderr)
         assert "Traceback" not in proc.stderr, (flags, proc.stderr)
+        if code == 1:                                   # exactly one line: the message
+            assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, \
+                (flags, proc.stderr)
         assert not out.exists() or not any(out.iterdir()), flags

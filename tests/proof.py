@@ -1,0 +1,134 @@
+"""The proof that two twin modules build the same network, as functions.
+
+tests/test_twins.py runs it on the repo's twins; test_change_the_network.py
+runs it on copies of both twins edited the way the README tells a learner
+to. kt and nt are the two twin modules (mnist_cnn_keras, mnist_cnn_numpy or
+edited copies of them). On failure the messages say, weight by weight,
+where the twins part.
+"""
+
+import numpy as np
+
+import common
+import compare
+
+# Tolerances, and why:
+# forward, float32 1e-5: float32 has 7 significant digits; two correct
+#   implementations summing the same 288-term dot products in different
+#   orders differ in the 6th-7th digit. float64 1e-10: same, with 16 digits.
+# gradients, float32 1e-4 / float64 1e-9 (relative to each tensor's largest
+#   entry): a backward pass sums over the whole batch and all positions, so
+#   rounding grows with the number of terms (about 1e5 here); a wrong term
+#   (a missed ReLU, a mis-routed max-pool tie) is off by 1e-2 or more.
+FORWARD_TOL = {"float32": 1e-5, "float64": 1e-10}
+GRAD_TOL = {"float32": 1e-4, "float64": 1e-9}
+
+# Lockstep tolerances, (loss, final weights):
+# float64: loss 1e-8, weights 1e-12 relative to each tensor's largest entry
+#   (measured: about 1e-15 and 1e-15; bit-level agreement needs Keras's
+#   float32-rounded Adam betas, see mnist_cnn_numpy.Adam).
+# float32: loss 1e-4 (measured: a few 1e-7). Weights: absolute 1e-3, one Adam
+#   step at lr = 1e-3. Adam moves each weight by about lr * m / sqrt(v); for a
+#   weight whose gradients are near zero, float32 rounding can flip the sign
+#   of m, so twins that agree to 1e-7 elsewhere can differ by up to a step
+#   there (measured: up to 5e-4 on a few conv2 kernel entries). The loss
+#   check is what catches a wrong gradient.
+LOCKSTEP_TOL = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-12)}
+
+
+def same_network(kt, nt, keras_model, numpy_model):
+    """Both declarations describe the same network: the same weights with
+    the same shapes and the same output shape after every layer. Otherwise
+    one message that names each layer where they differ."""
+    problems = []
+    k, n = kt.weight_shapes(keras_model), numpy_model.weight_shapes()
+    for key in dict.fromkeys([*k, *n]):
+        if k.get(key) != n.get(key):
+            problems.append(f"  weight {key}: Keras twin {k.get(key, 'none')}, "
+                            f"NumPy twin {n.get(key, 'none')}")
+    k_out = {layer.name: tuple(layer.output.shape[1:]) for layer in keras_model.layers}
+    n_out = {layer.name: tuple(layer.output_shape) for layer in numpy_model.layers}
+    for name in dict.fromkeys([*k_out, *n_out]):
+        if k_out.get(name) != n_out.get(name):
+            problems.append(f"  layer {name} output: Keras twin {k_out.get(name, 'none')}, "
+                            f"NumPy twin {n_out.get(name, 'none')}")
+    assert not problems, ("The twins declare different networks; edit both build_model "
+                          "functions the same way:\n" + "\n".join(problems))
+
+
+def twins(kt, nt, dtype, tmp_path, seed=0, dropout=0.5):
+    """A Keras model and a NumPy model holding the same weights.
+
+    The weights go Keras -> keras.weights.npz -> NumPy, through the same file
+    format the scripts use, so the test also proves that format.
+    """
+    keras_model = kt.build_model(dropout=dropout, dtype=dtype)
+    numpy_model = nt.build_model(dropout=dropout, seed=seed, dtype=dtype)
+    same_network(kt, nt, keras_model, numpy_model)
+    start = common.initial_weights(kt.weight_shapes(keras_model), seed, dtype)
+    for key in start:                     # non-zero biases, so they are tested too
+        if key.endswith("/bias"):
+            start[key] = np.linspace(-0.05, 0.05, start[key].size).astype(dtype)
+    kt.set_weights(keras_model, start)
+    path = tmp_path / f"keras_{dtype}.weights.npz"
+    common.save_weights(path, kt.get_weights(keras_model))
+    numpy_model.set_weights(common.load_weights(path, numpy_model.weight_shapes(), dtype))
+    return keras_model, numpy_model
+
+
+def max_rel_diff(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def describe(diffs):
+    """A table of the worst tensors, for failure messages."""
+    return "\n".join(f"  {name:<22} max rel diff {d:.2e}   first pairs (numpy, keras): {pairs}"
+                     for name, d, pairs in sorted(diffs, key=lambda t: -t[1]))
+
+
+def keras_gradients(keras_model, grads):
+    """Keras's gradients as {"conv1/kernel": array, ...}."""
+    by_variable = {id(v): g for v, g in zip(keras_model.trainable_variables, grads)}
+    return {f"{layer.name}/{w.name}": by_variable[id(w)]
+            for layer in keras_model.layers for w in layer.trainable_weights}
+
+
+def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype):
+    """Probabilities, loss and every gradient of one batch, for twins built
+    with dropout 0."""
+    probs, loss, grads = compare.keras_loss_and_grads(keras_model, x, y)
+    n_loss, n_probs = nt.loss_and_grads(numpy_model.layers, x, y, len(x))
+    assert np.max(np.abs(n_probs - probs)) < FORWARD_TOL[dtype]
+    assert abs(float(n_loss) - float(loss)) < FORWARD_TOL[dtype]
+    theirs = keras_gradients(keras_model, grads)
+    diffs = []
+    for key, _, mine in numpy_model.trainable_weights():
+        assert mine.shape == theirs[key].shape, key
+        pairs = [(f"{a:.3e}", f"{b:.3e}")
+                 for a, b in zip(mine.ravel()[:3], theirs[key].ravel()[:3])]
+        diffs.append((key, max_rel_diff(mine, theirs[key]), pairs))
+    assert set(theirs) == {key for key, _, _ in diffs}
+    worst = max(d for _, d, _ in diffs)
+    assert worst < GRAD_TOL[dtype], "gradients differ:\n" + describe(diffs)
+
+
+def lockstep_agrees(kt, nt, keras_model, numpy_model, x, y, dtype, steps=20):
+    """steps Adam steps from the same weights on the same batches, dropout 0:
+    the loss before every update and after the last, and the final weights."""
+    losses = compare.lockstep(keras_model, numpy_model, x, y, steps=steps,
+                              batch_size=64, seed=0)
+    assert len(losses) == steps + 1
+    loss_tol, weight_tol = LOCKSTEP_TOL[dtype]
+    gaps = [abs(k - n) for k, n in losses]
+    assert max(gaps) < loss_tol, "\n".join(
+        f"step {i + 1:2d}: keras {k:.10f}  numpy {n:.10f}" for i, (k, n) in enumerate(losses))
+    assert losses[-1][0] < losses[0][0] - 0.5          # they really trained
+    kw, nw = kt.get_weights(keras_model), numpy_model.get_weights()
+    assert set(kw) == set(nw)
+    if dtype == "float64":
+        diffs = [(k, max_rel_diff(nw[k], kw[k]), []) for k in kw]
+    else:
+        diffs = [(k, float(np.max(np.abs(nw[k] - kw[k]))), []) for k in kw]
+    assert max(d for _, d, _ in diffs) < weight_tol, "weights differ:\n" + describe(diffs)
+    return losses

@@ -1,0 +1,140 @@
+"""Change the network, exactly as the README tells a learner to: the same
+edit in both twins' build_model gives two twins that train, exchange weights
+and pass the proof; the edit in one twin only gives one clear message.
+
+The edits are made to copies of the scripts, never to the repo's files.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import common
+import data_utils
+import mnist_cnn_keras as kt
+import mnist_cnn_numpy as nt
+import proof
+from conftest import REPO
+
+# README, "Change the network": conv1 to 16 filters, dense1 to 64 units.
+EDITS = [("Conv2D(32,", "Conv2D(16,"), ("Dense(128,", "Dense(64,")]
+TWINS = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
+
+
+def copy_with_edits(folder, edit):
+    """The repo's scripts in folder, with the EDITS made in the twins named."""
+    for path in REPO.glob("*.py"):
+        shutil.copy(path, folder)
+    for twin in edit:
+        text = (folder / TWINS[twin]).read_text()
+        for old, new in EDITS:
+            assert text.count(old) == 1, f"{TWINS[twin]}: {old!r} should appear once"
+            text = text.replace(old, new)
+        (folder / TWINS[twin]).write_text(text)
+    return folder
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def both_edited(tmp_path_factory):
+    return copy_with_edits(tmp_path_factory.mktemp("both"), ["keras", "numpy"])
+
+
+@pytest.fixture(scope="module")
+def edited_modules(both_edited):
+    return (load(both_edited / TWINS["keras"], "edited_keras"),
+            load(both_edited / TWINS["numpy"], "edited_numpy"))
+
+
+@pytest.fixture(scope="module")
+def mnist(real_data_dir):
+    (x, y), _ = data_utils.load_dataset("mnist", real_data_dir, progress=False)
+    return x[:1300], y[:1300]
+
+
+def test_the_edit_changes_the_network(edited_modules):
+    ek, en = edited_modules
+    shapes = en.build_model().weight_shapes()
+    assert shapes["conv1/kernel"][-1] == 16 and shapes["dense1/kernel"][-1] == 64
+    assert en.build_model().count_params() != nt.build_model().count_params()
+    assert ek.build_model().count_params() == en.build_model().count_params()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_edited_twins_pass_the_proof(edited_modules, mnist, tmp_path, dtype):
+    ek, en = edited_modules
+    x, y = mnist[0].astype(dtype), mnist[1]
+    keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
+    proof.forward_and_gradients_agree(ek, en, keras_model, numpy_model, x[:64], y[:64], dtype)
+    keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
+    proof.lockstep_agrees(ek, en, keras_model, numpy_model, x, y, dtype)
+
+
+def run(folder, twin, *args, data_dir):
+    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, TWINS[twin], *map(str, args)], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_edited_twins_train_and_exchange_weights(both_edited, real_data_dir, tmp_path):
+    reports = {}
+    for twin in TWINS:
+        proc = run(both_edited, twin, "--train-limit", 300, "--epochs", 1, "--no-plots",
+                   "--out", tmp_path / twin, data_dir=real_data_dir)
+        assert proc.returncode == 0, proc.stderr
+        reports[twin] = json.loads((tmp_path / twin / f"{twin}.json").read_text())
+        weights = np.load(tmp_path / twin / f"{twin}.weights.npz", allow_pickle=False)
+        params = sum(weights[k].size for k in weights.files)
+        assert reports[twin]["params"] == params
+        assert f"Total params: {params:,}" in proc.stdout
+    assert reports["keras"]["params"] == reports["numpy"]["params"]
+    for writer, loader in (("keras", "numpy"), ("numpy", "keras")):
+        out = tmp_path / f"{writer}_in_{loader}"
+        weights = tmp_path / writer / f"{writer}.weights.npz"
+        proc = run(both_edited, loader, "--load-weights", weights, "--eval-only", "--no-plots",
+                   "--out", out, data_dir=real_data_dir)
+        assert proc.returncode == 0, proc.stderr
+        swapped = json.loads((out / f"{loader}.eval.json").read_text())
+        assert abs(swapped["test_accuracy"] - reports[writer]["test_accuracy"]) <= 2e-4
+        assert abs(swapped["test_loss"] - reports[writer]["test_loss"]) < 1e-4
+
+
+def test_one_twin_edited_gives_one_clear_message(tmp_path, real_data_dir):
+    """The NumPy twin edited, the Keras twin not: its weights do not load into
+    the other twin, and the twin tests say which layers differ."""
+    folder = copy_with_edits(tmp_path, ["numpy"])
+    proc = run(folder, "numpy", "--train-limit", 100, "--epochs", 1, "--no-plots",
+               "--out", tmp_path / "n", data_dir=real_data_dir)
+    assert proc.returncode == 0, proc.stderr
+    weights = tmp_path / "n" / "numpy.weights.npz"
+    proc = run(folder, "keras", "--load-weights", weights, "--eval-only", "--out",
+               tmp_path / "k", data_dir=real_data_dir)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert ("conv1/kernel has shape (3, 3, 1, 16), but this model's layer conv1 needs "
+            "(3, 3, 1, 32)") in proc.stderr
+    assert "make the same change in the other" in proc.stderr
+    assert not (tmp_path / "k").exists() or not any((tmp_path / "k").iterdir())
+
+    en = load(folder / TWINS["numpy"], "numpy_only_edited")
+    with pytest.raises(AssertionError) as failure:
+        proof.same_network(kt, en, kt.build_model(), en.build_model())
+    message = str(failure.value)
+    assert "edit both build_model functions the same way" in message
+    assert "weight conv1/kernel: Keras twin (3, 3, 1, 32), NumPy twin (3, 3, 1, 16)" in message
+    assert "weight dense1/kernel" in message and "layer dense1 output" in message
+    # And the weights file says the same when loaded in Python.
+    with pytest.raises(common.UserError, match="conv1/kernel has shape"):
+        common.load_weights(weights, kt.weight_shapes(kt.build_model()))
