@@ -124,6 +124,7 @@ def glorot_uniform(rng, shape, dtype=np.float32):
     limit = sqrt(6 / (fan_in + fan_out)). For a conv kernel (kh, kw, C, F)
     fan_in = kh*kw*C and fan_out = kh*kw*F; for a dense kernel (in, out)
     they are in and out."""
+    # Exercise 14. Hint: both fans count the K*K positions of a conv kernel.
     receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
     fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
     limit = np.sqrt(6.0 / (fan_in + fan_out))

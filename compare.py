@@ -75,22 +75,34 @@ def curves_figure(reports, path):
     plots._save(fig, path)
 
 
-def keras_loss_and_grads(model, x, y):
-    """Keras's loss (mean cross-entropy) and gradients for one batch, dropout
-    off, in the model's dtype. Run as a TensorFlow graph, as in model.fit:
-    there Keras computes the loss from the logits under the softmax, exactly
-    as the NumPy twin does."""
+def keras_loss_and_grads(model, x, y, masks=None):
+    """Keras's loss (mean cross-entropy), probabilities and gradients for one
+    batch, in the model's dtype, run as a TensorFlow graph as in model.fit.
+
+    masks=None: inference, dropout off. masks={"dropout": array (N, units),
+    ...}: training mode, with these dropout masks instead of ones Keras
+    draws itself: at each Dropout layer the activations are multiplied by its
+    mask, which is what keras.layers.Dropout does with the mask it draws (0
+    for a dropped unit, 1 / (1 - rate) for a kept one). That lets both twins
+    use the same mask. Keras computes the loss from the logits under the
+    softmax, exactly as the NumPy twin does.
+    """
     import tensorflow as tf
 
     if not hasattr(model, "_loss_and_grads"):
         @tf.function
-        def loss_and_grads(x, y):
+        def loss_and_grads(x, y, masks, training):
             with tf.GradientTape() as tape:
-                probs = model(x, training=False)
-                loss = model.loss(y, probs)
-            return probs, loss, tape.gradient(loss, model.trainable_variables)
+                out = x
+                for layer in model.layers:
+                    if layer.name in masks:
+                        out = out * masks[layer.name]
+                    else:
+                        out = layer(out, training=training)
+                loss = model.loss(y, out)
+            return out, loss, tape.gradient(loss, model.trainable_variables)
         model._loss_and_grads = loss_and_grads
-    probs, loss, grads = model._loss_and_grads(x, y)
+    probs, loss, grads = model._loss_and_grads(x, y, masks or {}, masks is not None)
     return probs.numpy(), float(loss), [g.numpy() for g in grads]
 
 

@@ -65,6 +65,7 @@ def im2col(x, K):
     bias's input, see conv2d_forward). cols is filled in place: no other
     copy of the windows is made.
     """
+    # Exercise 11. Hint: one row per window, x[n, i:i+K, j:j+K, :] in (a, b, c) order, then a 1.
     N, H, W, C = x.shape
     Ho, Wo = H - K + 1, W - K + 1
     cols = np.empty((N, Ho, Wo, K * K * C + 1), x.dtype)
@@ -108,6 +109,7 @@ def conv2d_forward(x, kernel, bias):
     bias row, so cols @ weights = (window . kernel) + 1 * bias, with no
     separate pass over the output to add it.
     """
+    # Exercise 12. Hint: im2col, then one product with the kernel as a (K*K*C, F) matrix.
     N, H, W, C = x.shape
     K, _, _, F = kernel.shape
     Ho, Wo = H - K + 1, W - K + 1
@@ -133,6 +135,7 @@ def conv2d_backward(dout, cache, need_dx=True):
     from each of them.
     The first layer skips dx (need_dx=False): nothing before it learns.
     """
+    # Exercise 13. Hint: the chain rule through cols @ weights; every window adds its share of dx.
     x_shape, cols, kernel = cache
     N, H, W, C = x_shape
     K, _, _, F = kernel.shape
@@ -201,6 +204,7 @@ def relu_backward(dout, out, in_place=False):
     """The slope of max(z, 0) is 1 where z > 0 and 0 elsewhere, so the
     gradient passes where the unit was active and stops where it was not.
     in_place=True overwrites dout with the result."""
+    # Exercise 3. Hint: the gradient passes where z was positive, which is where out > 0.
     return np.multiply(dout, out > 0, out=dout if in_place else None)
 
 
@@ -219,6 +223,7 @@ def maxpool2d_forward(x, pool=2):
     Only pool = 2 (this network's) has a fast version; the naive reference
     below takes any size.
     """
+    # Exercise 9. Hint: the four window positions are four strided views; keep the winner's index.
     if pool != 2:
         raise ValueError("the fast max-pool is written for 2 x 2 windows")
     N, H, W, C = x.shape
@@ -247,6 +252,7 @@ def maxpool2d_backward(dout, cache):
     inputs would be another valid subgradient, but not Keras's.
     dout: (N, H', W', C)  ->  dx: (N, H, W, C)
     """
+    # Exercise 10. Hint: each output's gradient goes to its window's winner only.
     x_shape, winner = cache
     Ho, Wo = dout.shape[1:3]
     dx = np.empty(x_shape, dtype=dout.dtype)                  # (N, H, W, C)
@@ -290,6 +296,7 @@ def maxpool2d_backward_naive(dout, x, pool=2):
 
 def flatten_forward(x):
     """(N, H, W, C) -> (N, H*W*C), channels-last order, as Keras flattens."""
+    # Exercise 8. Hint: one reshape, in (H, W, C) order; return the shape for the backward pass.
     return x.reshape(len(x), -1), x.shape                     # (N, H*W*C)
 
 
@@ -302,6 +309,7 @@ def flatten_backward(dout, shape):
 def dense_forward(x, kernel, bias):
     """out = x @ kernel + bias.
     x: (N, D)   kernel: (D, U)   bias: (U,)   ->   out: (N, U)"""
+    # Exercise 1. Hint: one matrix product, then the bias added to every row.
     return x @ kernel + bias, (x, kernel)                     # (N, U)
 
 
@@ -309,6 +317,7 @@ def dense_backward(dout, cache):
     """dout: (N, U) -> dx: (N, D), dkernel: (D, U), dbias: (U,).
     out[n, u] = sum_d x[n, d] * kernel[d, u] + bias[u], so
     dkernel = x.T @ dout, dx = dout @ kernel.T, dbias = sum over the batch."""
+    # Exercise 2. Hint: one expression per gradient; check each shape against the docstring.
     x, kernel = cache
     return dout @ kernel.T, x.T @ dout, dout.sum(axis=0)
 
@@ -341,6 +350,7 @@ def dropout_mask(shape, rate, rng, dtype):
     kept with probability 1 - rate and scaled by 1 / (1 - rate), so the
     expected value is unchanged and inference needs no rescaling at all.
     The mask holds 0 for a dropped unit and 1 / (1 - rate) for a kept one."""
+    # Exercise 6. Hint: rng.random(shape) >= rate keeps a unit with probability 1 - rate.
     scale = np.asarray(1.0 / (1.0 - rate), dtype=dtype)
     return (rng.random(shape, dtype=dtype) >= rate) * scale    # (N, U)
 
@@ -352,6 +362,7 @@ def dropout_forward(x, mask):
 
 def dropout_backward(dout, mask):
     """out = x * mask, so dx = dout * mask: dropped units pass no gradient."""
+    # Exercise 7. Hint: the forward pass multiplied by the mask.
     return dout * mask
 
 
@@ -375,6 +386,7 @@ def softmax_cross_entropy(logits, labels):
     the logits as Keras does when a Dense layer ends in softmax (more exact
     than taking the log of a rounded probability).
     """
+    # Exercise 4. Hint: subtract each row's max before exp(); log of the sum minus the true logit.
     z = logits - logits.max(axis=1, keepdims=True)            # (N, 10)
     log_sum = np.log(np.exp(z).sum(axis=1))                   # (N,)
     loss = np.mean(log_sum - z[np.arange(len(z)), labels])
@@ -390,6 +402,7 @@ def softmax_cross_entropy_backward(probs, labels, batch_size=None):
     from averaging the loss over the batch; when probs and labels are one
     slice of a batch, batch_size gives the whole batch's N.
     """
+    # Exercise 5. Hint: p - y with y one-hot, then divide by N (batch_size when given).
     dlogits = probs.copy()                                    # (N, 10)
     dlogits[np.arange(len(labels)), labels] -= 1
     return dlogits / (batch_size or len(labels))
@@ -764,6 +777,7 @@ class Adam:
 
     def update(self, params):
         """params: list of (key, weight array, gradient array); in place."""
+        # Exercise 15. Hint: running means m, v; bias correction in alpha; epsilon added to sqrt(v).
         t = self.iterations + 1
         for key, w, g in params:
             dt = w.dtype.type

@@ -28,7 +28,8 @@ class ImageError(Exception):
 
 
 def load_gray(path):
-    """Read an image file as a float array in [0, 1], shape (height, width)."""
+    """Read an image file (a path or an open binary file) as a float array
+    in [0, 1], shape (height, width)."""
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
@@ -49,8 +50,14 @@ def load_gray(path):
     return gray
 
 
-def to_mnist(gray):
-    """Turn a grayscale image in [0, 1] into one MNIST-style input, (28, 28, 1)."""
+def steps(gray):
+    """The preparation, one step at a time: [(title, why, image), ...].
+
+    gray: a grayscale image in [0, 1], (height, width). The last image is
+    the network's input, (28, 28). draw.py shows every step; to_mnist keeps
+    the last.
+    """
+    shown = [("as drawn", "your image, in grey", gray)]
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if np.median(border) > 0.5:                     # light paper: make the ink bright
         gray = 1.0 - gray
@@ -59,10 +66,14 @@ def to_mnist(gray):
     if high - low < 0.1:
         raise ImageError("blank image: no ink found")
     gray = np.clip((gray - low) / (high - low), 0.0, 1.0)
+    shown.append(("grey and inverted", "MNIST's digits are bright ink on black; "
+                  "the contrast is stretched to the full range", gray))
     rows, cols = np.nonzero(gray > INK)
     if len(rows) == 0:
         raise ImageError("blank image: no ink found")
     digit = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]   # crop to the ink
+    shown.append(("cropped to the ink", "where the digit is on the page does not matter",
+                  digit))
 
     # Longest side to 20 pixels, the other in proportion (at least 1).
     h, w = digit.shape
@@ -70,6 +81,8 @@ def to_mnist(gray):
     size = (max(1, round(w * scale)), max(1, round(h * scale)))          # PIL: (width, height)
     small = Image.fromarray((digit * 255).astype(np.uint8)).resize(size, Image.LANCZOS)
     small = np.asarray(small, dtype=np.float32) / 255.0
+    shown.append(("scaled into 20x20", "MNIST's digits fit a 20 x 20 box, keeping "
+                  "their shape", small))
 
     # Centre of mass to the centre of the 28 x 28 frame: pixel (14, 14),
     # where MNIST's digits have theirs (measured: 14.0 +- 0.3 on both axes).
@@ -80,8 +93,15 @@ def to_mnist(gray):
     ys, xs = np.indices(canvas.shape)
     dy = int(round(14 - (ys * canvas).sum() / total))
     dx = int(round(14 - (xs * canvas).sum() / total))
-    canvas = shift(canvas, dy, dx)
-    return np.clip(canvas, 0.0, 1.0)[..., None]
+    canvas = np.clip(shift(canvas, dy, dx), 0.0, 1.0)
+    shown.append(("placed in 28x28 by its centre of mass", "as MNIST's digits are: "
+                  "the network's input", canvas))
+    return shown
+
+
+def to_mnist(gray):
+    """Turn a grayscale image in [0, 1] into one MNIST-style input, (28, 28, 1)."""
+    return steps(gray)[-1][2][..., None]
 
 
 def shift(image, dy, dx):

@@ -94,10 +94,22 @@ def keras_gradients(keras_model, grads):
             for layer in keras_model.layers for w in layer.trainable_weights}
 
 
-def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype):
-    """Probabilities, loss and every gradient of one batch, for twins built
-    with dropout 0."""
-    probs, loss, grads = compare.keras_loss_and_grads(keras_model, x, y)
+def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype,
+                                dropout=False):
+    """Probabilities, loss and every gradient of one batch.
+
+    dropout=False: for twins built with dropout 0. dropout=True: in training
+    mode, with one mask per Dropout layer drawn by the NumPy twin and used by
+    both (compare.keras_loss_and_grads says how Keras takes it)."""
+    masks = None
+    if dropout:
+        masks = {layer.name: layer.draw_mask((len(x),) + layer.input_shape)
+                 for layer in numpy_model.layers if isinstance(layer, nt.Dropout)}
+        assert masks and all(np.any(m == 0) for m in masks.values())   # some units dropped
+        for layer in numpy_model.layers:
+            if layer.name in masks:
+                layer.batch_mask = masks[layer.name]
+    probs, loss, grads = compare.keras_loss_and_grads(keras_model, x, y, masks)
     n_loss, n_probs = nt.loss_and_grads(numpy_model.layers, x, y, len(x))
     assert np.max(np.abs(n_probs - probs)) < FORWARD_TOL[dtype]
     assert abs(float(n_loss) - float(loss)) < FORWARD_TOL[dtype]

@@ -31,6 +31,8 @@ def test_both_twins_declare_the_same_network():
     k = common.initial_weights(kt.weight_shapes(kt.build_model()), 7)
     n = common.initial_weights(nt.build_model().weight_shapes(), 7)
     assert list(k) == list(n) and all(np.array_equal(k[key], n[key]) for key in k)
+    other = common.initial_weights(nt.build_model().weight_shapes(), 8)
+    assert not any(np.array_equal(n[key], other[key]) for key in n if key.endswith("/kernel"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -38,6 +40,17 @@ def test_forward_and_gradients_agree(mnist, tmp_path, dtype):
     keras_model, numpy_model = proof.twins(kt, nt, dtype, tmp_path, dropout=0.0)
     x, y = mnist[1][0][:64].astype(dtype), mnist[1][1][:64]
     proof.forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_forward_and_gradients_agree_with_dropout_on(mnist, tmp_path, dtype):
+    """Training mode, dropout 0.5, the same mask in both twins: a dropout
+    backward pass that ignored its mask, or a mask without its scaling,
+    would show up here as gradients that differ."""
+    keras_model, numpy_model = proof.twins(kt, nt, dtype, tmp_path, dropout=0.5)
+    x, y = mnist[1][0][64:128].astype(dtype), mnist[1][1][64:128]
+    proof.forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype,
+                                      dropout=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -95,3 +108,60 @@ def test_keras_fit_trains_on_the_shared_batches(monkeypatch):
                 for i, (_, yb) in enumerate(data_utils.iterate_minibatches(x, y, 16, rng))]
     assert calls[:2] == expected[:2]                  # Keras's look at the shapes
     assert calls[2:] == expected
+
+
+# --- The parts that are random or stateful, against Keras's own --------------
+
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_dropout_mask_matches_keras(rate):
+    """keras.layers.Dropout and the NumPy twin's mask: the same two values
+    (0 and 1 / (1 - rate)), and each drops a fraction rate of the units
+    (within 4 standard deviations of the binomial count)."""
+    ones = np.ones((400, 250), np.float32)
+    keras_out = np.asarray(kt.keras.layers.Dropout(rate, seed=1)(ones, training=True))
+    numpy_out = nt.dropout_forward(ones, nt.dropout_mask(ones.shape, rate,
+                                                         np.random.default_rng(1),
+                                                         np.float32))[0]
+    assert np.array_equal(np.unique(keras_out), np.unique(numpy_out))
+    assert np.allclose(np.unique(numpy_out), [0, 1 / (1 - rate)])
+    spread = 4 * np.sqrt(rate * (1 - rate) / ones.size)
+    for out in (keras_out, numpy_out):
+        assert abs(np.mean(out == 0) - rate) < spread
+        assert abs(out.mean() - 1) < spread / (1 - rate)        # the expected value stays 1
+
+
+def test_initial_weights_match_keras_statistics():
+    """For every kernel of the network: Keras's GlorotUniform and the shared
+    starting weights have the same bound and the same spread."""
+    model = nt.build_model()
+    ours = common.initial_weights(model.weight_shapes(), 0, np.float64)
+    glorot = kt.keras.initializers.GlorotUniform(seed=0)
+    for key, shape in model.weight_shapes().items():
+        if not key.endswith("/kernel"):
+            assert not ours[key].any(), key                      # Keras's zero biases
+            continue
+        theirs = np.asarray(glorot(shape), np.float64)
+        limit = max(np.abs(theirs).max(), np.abs(ours[key]).max())
+        assert np.abs(ours[key]).max() <= limit and np.abs(theirs).max() <= limit
+        # Both uniform on the same interval: the same standard deviation,
+        # within the sampling error of a few hundred numbers (about 5%).
+        assert abs(ours[key].std() - theirs.std()) < 0.1 * theirs.std(), key
+        assert abs(ours[key].std() - limit / np.sqrt(3)) < 0.1 * theirs.std(), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_matches_keras(dtype):
+    """Keras's own Adam and the NumPy twin's, ten steps on the same weights
+    and gradients, of ordinary size and tiny (where epsilon matters)."""
+    rng = np.random.default_rng(5)
+    for size in (1.0, 1e-8):
+        w = rng.normal(size=(3, 4)).astype(dtype)
+        grads = [(rng.normal(size=w.shape) * size).astype(dtype) for _ in range(10)]
+        variable = kt.keras.Variable(w.copy(), dtype=dtype)
+        keras_adam, numpy_adam, mine = kt.keras.optimizers.Adam(0.01), nt.Adam(0.01), w.copy()
+        for g in grads:
+            keras_adam.apply_gradients([(kt.tf.constant(g), variable)])
+            numpy_adam.update([("w", mine, g.copy())])
+            step = np.abs(np.asarray(variable) - w).max()
+            tol = 1e-12 if dtype == "float64" else 1e-5            # relative to the step
+            assert np.abs(np.asarray(variable) - mine).max() <= tol * step, size

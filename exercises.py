@@ -1,0 +1,418 @@
+"""Practise: write the NumPy twin's layers yourself, checked as you go.
+
+    python exercises.py start                  # write workbook.py, the bodies left to you
+    python exercises.py check                  # check your functions in order
+    python exercises.py check conv2d_backward  # one exercise (and the ones before it)
+    python exercises.py train --epochs 1       # all pass? the real network, your functions
+    python exercises.py list                   # the exercises, with what to read first
+
+The workbook is made from the twin itself: every function marked
+"# Exercise N. Hint: ..." in mnist_cnn_numpy.py (and common.py) becomes an
+exercise, its docstring (shapes, formula) kept and its body replaced by a
+TODO, so the exercises and the twin cannot drift apart. The checker runs
+the same named checks as the tests and the bug gallery (checks.py): against
+the slow reference functions, finite differences and Adam as the paper
+writes it, with the gallery's diagnoses in a learner's words.
+
+The solutions are the twin's own functions, under the same names in
+mnist_cnn_numpy.py (common.py for glorot_uniform): read them after trying.
+"""
+
+import argparse
+import ast
+import importlib.util
+import textwrap
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import checks
+import common
+import mnist_cnn_numpy as nt
+
+REPO = Path(__file__).resolve().parent
+SOURCES = [REPO / "mnist_cnn_numpy.py", REPO / "common.py"]
+DEFAULT_WORKBOOK = REPO / "workbook.py"
+MARKER = "# Exercise "
+
+# What each exercise is checked with, and what to read before writing it.
+CHECKS = {
+    "dense_forward": [checks.check_dense_forward],
+    "dense_backward": [checks.check_dense_backward],
+    "relu_backward": [checks.check_relu_backward],
+    "softmax_cross_entropy": [checks.check_softmax_cross_entropy],
+    "softmax_cross_entropy_backward": [checks.check_softmax_cross_entropy_backward],
+    "dropout_mask": [checks.check_dropout_mask],
+    "dropout_backward": [checks.check_dropout_backward],
+    "flatten_forward": [checks.check_flatten_order],
+    "maxpool2d_forward": [checks.check_maxpool_forward],
+    "maxpool2d_backward": [checks.check_maxpool_backward],
+    "im2col": [checks.check_im2col],
+    "conv2d_forward": [checks.check_conv2d_forward],
+    "conv2d_backward": [checks.check_conv2d_backward],
+    "glorot_uniform": [checks.check_initial_weights],
+    "Adam.update": [checks.check_adam],
+}
+READ = {
+    "dense_forward": "the shape legend at the top of mnist_cnn_numpy.py, and "
+                     "dense_forward_naive (the definition, in loops)",
+    "dense_backward": "dense_backward_naive: which inputs each output touched",
+    "relu_backward": "relu_forward, and how Conv2D.backward calls relu_backward",
+    "softmax_cross_entropy": "softmax: why it subtracts each row's maximum",
+    "softmax_cross_entropy_backward": "the docstring: why the gradient is just p - y, over N",
+    "dropout_mask": "the docstring (inverted dropout), and Keras's Dropout(rate)",
+    "dropout_backward": "dropout_forward",
+    "flatten_forward": "flatten_backward, and the README on Keras's channels-last order",
+    "maxpool2d_forward": "maxpool2d_forward_naive, and maxpool2d_backward's docstring on ties",
+    "maxpool2d_backward": "maxpool2d_backward_naive: the first maximum gets it all",
+    "im2col": "im2col_naive, and conv2d_forward's docstring (the trick)",
+    "conv2d_forward": "conv2d_forward_naive: the definition, in loops",
+    "conv2d_backward": "conv2d_backward_naive, and the docstring's chain rule",
+    "glorot_uniform": "common.initial_weights, and Keras's GlorotUniform",
+    "Adam.update": "the Adam class docstring: Keras's update rule, step by step",
+}
+
+
+@dataclass
+class Exercise:
+    number: int
+    name: str            # "conv2d_backward", or "Adam.update" for a method
+    hint: str
+    source: Path         # the file whose function is the solution
+    node: ast.FunctionDef
+
+
+def exercises():
+    """The marked functions of the twin (and common.py), in exercise order."""
+    found = []
+    for path in SOURCES:
+        lines = path.read_text().splitlines()
+        for qualname, node in _functions(ast.parse("\n".join(lines))):
+            first = lines[node.body[0].end_lineno].strip()       # the line after the docstring
+            if first.startswith(MARKER):
+                number, hint = first[len(MARKER):].split(". Hint: ", 1)
+                found.append(Exercise(int(number), qualname, hint, path, node))
+    found.sort(key=lambda e: e.number)
+    assert [e.number for e in found] == list(range(1, len(found) + 1)), "exercise numbers"
+    assert {e.name for e in found} == set(CHECKS), "every exercise needs its checks"
+    return found
+
+
+def _functions(tree):
+    """(qualified name, node) of every top-level function and class method."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    yield f"{node.name}.{item.name}", item
+
+
+# -----------------------------------------------------------------------------
+# start: write the workbook
+# -----------------------------------------------------------------------------
+
+HEADER = '''"""Your workbook: the NumPy twin's layer functions, to write yourself.
+
+Made by `python exercises.py start` from mnist_cnn_numpy.py and common.py.
+Each exercise keeps its docstring (shapes and formula) and says what to read
+first; write its body where the TODO is, then
+
+    python exercises.py check        # checks your functions in order
+    python exercises.py train        # when all pass: the real network, your functions
+
+The other functions are the twin's, as they are; your functions may call
+them (conv2d_forward calls im2col, for example). The solutions are the
+functions of the same names in mnist_cnn_numpy.py (glorot_uniform: in
+common.py). Try first.
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+'''
+
+
+def workbook_text(solutions=False):
+    """The workbook's source: the twin's math functions (no naive
+    references), the Adam class and glorot_uniform; each exercise's body
+    replaced by a TODO unless solutions=True."""
+    todo = {e.name: e for e in exercises()}
+    wanted = {SOURCES[0]: _math_functions() | {"Adam"}, SOURCES[1]: {"glorot_uniform"}}
+    parts = [HEADER]
+    for path in SOURCES:
+        lines = path.read_text().splitlines()
+        for node in ast.parse("\n".join(lines)).body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or \
+                    node.name not in wanted[path]:
+                continue
+            block = lines[node.lineno - 1:node.end_lineno]
+            if not solutions:
+                for qualname, f in sorted(_functions(ast.Module(body=[node], type_ignores=[])),
+                                          key=lambda pair: -pair[1].lineno):
+                    if qualname in todo:
+                        start = f.body[0].end_lineno - node.lineno + 1   # after the docstring
+                        end = f.end_lineno - node.lineno + 1
+                        block[start:end] = _todo(todo[qualname], len(todo), f.col_offset + 4)
+            parts.append("\n\n" + "\n".join(block) + "\n")
+    return "".join(parts)
+
+
+def _math_functions():
+    """The names of mnist_cnn_numpy.py's layer functions: those under its
+    banner "Model: the math", without the naive references."""
+    text = SOURCES[0].read_text()
+    first = text[:text.index("# Model: the math")].count("\n")
+    last = text[:text.index("# Model: Keras-named layers")].count("\n")
+    return {node.name for node in ast.parse(text).body
+            if isinstance(node, ast.FunctionDef) and first < node.lineno < last
+            and not node.name.endswith("_naive")}
+
+
+def _todo(exercise, total, indent):
+    pad = " " * indent
+    lines = [f"TODO: exercise {exercise.number} of {total}. Write this function.",
+             f"Hint: {exercise.hint}"]
+    lines += textwrap.wrap(f"Read first: {READ[exercise.name]}.", 72)
+    return ([pad + "# " + line for line in lines]
+            + [pad + 'raise NotImplementedError("not written yet")'])
+
+
+def start(path, solutions=False):
+    path = Path(path)
+    if path.exists():
+        raise common.UserError(f"{path} exists already; it is not overwritten (your work is "
+                               f"in it). Check it with `python exercises.py check --path "
+                               f"{path}`, or choose another --path.")
+    with common.atomic_write(path) as f:
+        f.write(workbook_text(solutions).encode())
+    print(f"Wrote {path}: {len(exercises())} exercises"
+          + (" (with the twin's solutions)" if solutions else "") + ".")
+    print("Write the first one, then: python exercises.py check")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# check: the learner's functions, in order
+# -----------------------------------------------------------------------------
+
+def load_workbook(path):
+    """Import the workbook; a syntax error or an exception while importing
+    becomes one message with the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise common.UserError(f"No workbook at {path}: make one with `python exercises.py "
+                               "start`.")
+    try:
+        source = path.read_text()
+        compile(source, str(path), "exec")
+    except SyntaxError as e:
+        line = (e.text or "").rstrip()
+        raise common.UserError(f"{path}, line {e.lineno}: {e.msg}\n    {line}") from None
+    spec = importlib.util.spec_from_file_location("workbook", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise common.UserError(f"{path} does not import: {_where(e, path)}") from None
+    missing = [e.name for e in exercises() if _get(module, e.name) is None]
+    if missing:
+        raise common.UserError(f"{path} has no {missing[0]}: keep every exercise's name and "
+                               "signature (start again with another --path to see them).")
+    return module
+
+
+def _get(module, qualname):
+    owner = module
+    for part in qualname.split("."):
+        owner = getattr(owner, part, None)
+    return owner
+
+
+def _where(error, path):
+    """'NameError: name 'x' is not defined (line 12: `return x`)' for the
+    innermost place in the workbook that an exception came from."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if Path(f.filename).resolve() == Path(path).resolve()]
+    text = f"{type(error).__name__}: {error}"
+    if frames:
+        text += f" (line {frames[-1].lineno}, in {frames[-1].name}: `{frames[-1].line}`)"
+    return text
+
+
+@contextmanager
+def planted(module):
+    """The workbook's exercise functions in place of the twin's, in the
+    imported modules only (the files are never touched)."""
+    saved = []
+    for e in exercises():
+        owner = common if e.source.name == "common.py" else nt
+        *classes, name = e.name.split(".")
+        for part in classes:
+            owner = getattr(owner, part)
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, _get(module, e.name))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def run_checks(path, only=None, say=print):
+    """Check the workbook's exercises in order (up to `only`, if given).
+
+    Returns (done, total, failure): failure is None, or (exercise, message).
+    Exercises before `only` must pass too: later ones use them.
+    """
+    module = load_workbook(path)
+    say(f"Checking {path}, exercise by exercise:")
+    todo = exercises()
+    if only:
+        names = [e.name for e in todo]
+        if only not in names:
+            raise common.UserError(f"No exercise {only!r}; they are: {', '.join(names)}.")
+        todo = todo[:names.index(only) + 1]
+    total = len(exercises())
+    with planted(module):
+        for done, e in enumerate(todo):
+            failure = _check_one(e, path)
+            if failure:
+                return done, total, (e, failure)
+            say(f"  {e.number:2d}/{total} {e.name:<32} passed")
+        if not only:
+            failure = _check_whole_network(path)
+            if failure:
+                return total, total, (None, failure)
+    return len(todo), total, None
+
+
+def _check_one(e, path):
+    for check in CHECKS[e.name]:
+        try:
+            with np.errstate(all="ignore"):          # the check reports overflow itself
+                check()
+        except checks.CheckFailed as failure:
+            return str(failure)
+        except NotImplementedError as error:
+            frames = traceback.extract_tb(error.__traceback__)
+            where = frames[-1].name if frames else e.name
+            if where == e.name.split(".")[-1]:
+                return "not written yet"
+            return (f"it needs {where}, which is not written yet (do the exercises in "
+                    "order)")
+        except Exception as error:
+            return f"your code raised {_where(error, path)}"
+    return None
+
+
+def _check_whole_network(path):
+    try:
+        checks.check_whole_model_gradients()
+    except checks.CheckFailed as failure:
+        return str(failure)
+    except Exception as error:
+        return f"the network raised {_where(error, path)}"
+    return None
+
+
+def check(path, only=None):
+    done, total, failure = run_checks(path, only)
+    if failure is None:
+        if only:
+            print(f"\n{only} passes. {done} of {total} done.")
+        else:
+            print(f"\nAll {total} exercises pass, and your functions together give the whole "
+                  "network's\ngradients (checked against finite differences, in training "
+                  "mode).\nNow train the real network with them: python exercises.py train")
+        return 0
+    e, message = failure
+    if e is None:
+        print(f"\nEach function passes, but the network built from them does not:\n  {message}")
+        return 1
+    line = _line_of(path, e.name)
+    todo = message == "not written yet"
+    print(f"  {e.number:2d}/{total} {e.name:<32} {'not written yet' if todo else 'FAILED'}")
+    if todo:
+        print(f"\n{e.name} is not written yet ({path}, line {line}).")
+        print(f"  Hint: {e.hint}")
+        for text in textwrap.wrap(f"Read first: {READ[e.name]}.", 76):
+            print(f"  {text}")
+    else:
+        print()
+        for text in textwrap.wrap(message, 76):
+            print(f"  {text}")
+        print(f"\nFix {e.name} ({path}, line {line}), then check again.")
+    print(f"{done} of {total} done.")
+    return 1
+
+
+def replace_function(path, qualname, source):
+    """Put `source` (a def at column 0) in place of the workbook's function
+    qualname, indented as that one is: how the tests paste a gallery
+    mistake into a workbook."""
+    lines = Path(path).read_text().splitlines()
+    for name, node in _functions(ast.parse("\n".join(lines))):
+        if name == qualname:
+            new = textwrap.indent(textwrap.dedent(source), " " * node.col_offset).splitlines()
+            lines[node.lineno - 1:node.end_lineno] = new
+            Path(path).write_text("\n".join(lines) + "\n")
+            return
+    raise KeyError(qualname)
+
+
+def _line_of(path, qualname):
+    for name, node in _functions(ast.parse(Path(path).read_text())):
+        if name == qualname:
+            return node.lineno
+    return "?"
+
+
+# -----------------------------------------------------------------------------
+# train: the real network with the learner's functions
+# -----------------------------------------------------------------------------
+
+def train(path, twin_args):
+    done, total, failure = run_checks(path, say=lambda text: None)
+    if failure:
+        raise common.UserError(f"{done} of {total} exercises pass so far: run `python "
+                               "exercises.py check` and finish them first.")
+    module = load_workbook(path)
+    print(f"Training the NumPy twin with your {total} functions from {path}.")
+    with planted(module):
+        return nt.main(["--out", str(Path("results") / "workbook"), *twin_args])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="train takes the twins' flags too (--epochs, --seed, ...); "
+                                       "its results go to results/workbook/ unless --out says "
+                                       "otherwise.")
+    p.add_argument("command", choices=["start", "check", "train", "list"])
+    p.add_argument("name", nargs="?", help="check: only this exercise (and those before it)")
+    p.add_argument("--path", default=str(DEFAULT_WORKBOOK.relative_to(REPO))
+                   if Path.cwd() == REPO else str(DEFAULT_WORKBOOK),
+                   help="the workbook file")
+    p.add_argument("--with-solutions", action="store_true",
+                   help="start: fill the workbook with the twin's own functions (for "
+                        "teachers: a workbook that passes)")
+    args, rest = p.parse_known_args(argv)
+    if rest and args.command != "train":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "start":
+        return start(args.path, args.with_solutions)
+    if args.command == "check":
+        return check(args.path, args.name)
+    if args.command == "train":
+        return train(args.path, rest)
+    for e in exercises():
+        print(f"{e.number:2d}. {e.name:<32} read first: {READ[e.name]}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run(main)
