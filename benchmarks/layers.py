@@ -1,0 +1,223 @@
+"""Where the time goes, layer by layer, in both twins.
+
+    python benchmarks/layers.py              # a batch of 128, both twins, one table
+    python benchmarks/layers.py --repeats 5  # quicker, noisier
+
+For a batch of 128 real MNIST images, times each layer's forward and
+backward pass in both twins: the NumPy twin's functions as training runs
+them (the batch cut into one slice per core, on threads, speedup.py), and
+the same Keras layer under tf.function, forward alone and forward with
+tf.GradientTape (backward = the difference). Then the loss, the optimizer
+step, a whole training step, and the evaluation of a batch of 256 (the
+validation pass). Each figure is the fastest of --repeats runs (the
+machine's other load only ever adds time), in milliseconds.
+
+The table's last column is each row's share of the NumPy twin's training
+step (the sum of its rows). benchmarks/README.md explains the big gaps.
+"""
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
+import data_utils  # noqa: E402
+import mnist_cnn_numpy as nt  # noqa: E402
+import speedup  # noqa: E402
+
+
+def fastest(fn, repeats):
+    """The fastest of `repeats` runs of fn(), in milliseconds (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
+
+
+def numpy_times(x, y, repeats):
+    """{(layer, "forward"/"backward"): ms} for the NumPy twin, as it trains:
+    each layer runs on one slice of the batch per core, at the same time."""
+    model = nt.build_model(seed=0)
+    parts = speedup.slices(len(x), model.threads)
+    copies = [[copy.copy(layer) for layer in model.layers] for _ in parts]
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, nt.Dropout):
+            mask = layer.draw_mask((len(x),) + layer.input_shape)
+            for layers, rows in zip(copies, parts):
+                layers[i].fixed = mask[rows]
+    inputs = [[x[rows]] for rows in parts]          # inputs[s][i]: layer i's input, slice s
+    for i in range(len(model.layers)):
+        for s, layers in enumerate(copies):
+            _feed_mask(layers[i])
+            inputs[s].append(layers[i].forward(inputs[s][i].copy(), training=True))
+    times = {}
+
+    def run(work):
+        return speedup._run(work, copies, parts)
+
+    douts = []
+    for s, rows in enumerate(parts):
+        _, probs = nt.softmax_cross_entropy(inputs[s][-1], y[rows])
+        douts.append([nt.softmax_cross_entropy_backward(probs, y[rows], len(x))])
+    for i in reversed(range(len(model.layers))):       # the gradients each layer receives
+        for s, layers in enumerate(copies):
+            douts[s].insert(0, layers[i].backward(douts[s][0].copy()))
+    for i, layer in enumerate(model.layers):
+        def forward(layers, rows, i=i):
+            s = parts.index(rows)
+            _feed_mask(layers[i])
+            return layers[i].forward(inputs[s][i].copy(), training=True)
+
+        def backward(layers, rows, i=i):
+            return layers[i].backward(douts[parts.index(rows)][i + 1].copy())
+
+        times[(layer.name, "forward")] = fastest(lambda: run(forward), repeats)
+        # backward needs the forward's cache: run the forward first, time the backward
+        times[(layer.name, "backward")] = fastest_after(
+            lambda: run(forward), lambda: run(backward), repeats)
+    times[("loss", "forward")] = fastest(lambda: run(
+        lambda layers, rows: nt.softmax_cross_entropy(inputs[parts.index(rows)][-1], y[rows])),
+        repeats)
+    times[("loss", "backward")] = fastest(lambda: run(
+        lambda layers, rows: nt.softmax_cross_entropy_backward(
+            nt.softmax(inputs[parts.index(rows)][-1]), y[rows], len(x))), repeats)
+    optimizer = nt.Adam()
+    nt.train_step(model, optimizer, x, y)
+    times[("Adam", "step")] = fastest(lambda: optimizer.update(model.trainable_weights()),
+                                      repeats)
+    times[("whole step", "")] = fastest(lambda: nt.train_step(model, optimizer, x, y), repeats)
+    x_eval = np.concatenate([x, x])
+    times[("evaluate 256", "")] = fastest(lambda: nt.logits(model, x_eval), repeats)
+    return times
+
+
+def _feed_mask(layer):
+    if isinstance(layer, nt.Dropout):
+        layer.batch_mask = layer.fixed
+
+
+def fastest_after(setup, fn, repeats):
+    """Like fastest, with setup() run (untimed) before each run of fn()."""
+    setup()
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        setup()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
+
+
+def keras_times(x, y, repeats):
+    """The same rows for the Keras twin: each layer under tf.function."""
+    keras, tf = common.import_keras()
+    import mnist_cnn_keras as kt
+    model = kt.build_model()
+    kt.set_weights(model, common.initial_weights(kt.weight_shapes(model), 0))
+    x = tf.constant(x)
+    inputs = [x]
+    for layer in model.layers:
+        inputs.append(layer(inputs[-1], training=True))
+    times = {}
+    for i, layer in enumerate(model.layers):
+        dout = tf.random.normal(inputs[i + 1].shape, seed=1)
+
+        @tf.function
+        def forward(inp, layer=layer):
+            return layer(inp, training=True)
+
+        @tf.function
+        def forward_backward(inp, dout, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(inp)
+                out = layer(inp, training=True)
+            return tape.gradient(out, [inp] + layer.trainable_variables, output_gradients=dout)
+
+        f = fastest(lambda: forward(inputs[i]).numpy(), repeats)
+        fb = fastest(lambda: [g.numpy() for g in forward_backward(inputs[i], dout)], repeats)
+        times[(layer.name, "forward")] = f
+        times[(layer.name, "backward")] = max(fb - f, 0.0)
+    probs = inputs[-1]
+    labels = tf.constant(y)
+
+    @tf.function
+    def loss_forward(probs):
+        return model.loss(labels, probs)
+
+    @tf.function
+    def loss_forward_backward(probs):
+        with tf.GradientTape() as tape:
+            tape.watch(probs)
+            loss = model.loss(labels, probs)
+        return tape.gradient(loss, probs)
+
+    f = fastest(lambda: loss_forward(probs).numpy(), repeats)
+    times[("loss", "forward")] = f
+    times[("loss", "backward")] = max(fastest(lambda: loss_forward_backward(probs).numpy(),
+                                              repeats) - f, 0.0)
+    grads = [tf.zeros_like(v) + 1e-3 for v in model.trainable_variables]
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def adam_step():
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    times[("Adam", "step")] = fastest(lambda: adam_step(), repeats)
+    model.train_on_batch(x, labels)
+    times[("whole step", "")] = fastest(lambda: model.train_on_batch(x, labels), repeats)
+    x_eval = tf.concat([x, x], axis=0)
+    predict = tf.function(lambda inp: model(inp, training=False))
+    times[("evaluate 256", "")] = fastest(lambda: predict(x_eval).numpy(), repeats)
+    return times
+
+
+def table(numpy, keras):
+    step = sum(v for (name, part), v in numpy.items() if part)     # the parts of a step
+    lines = [f"{'layer':<14} {'pass':<9} {'NumPy ms':>9} {'Keras ms':>9} {'ratio':>7} "
+             f"{'share':>7}"]
+    for key in numpy:
+        name, part = key
+        n, k = numpy[key], keras.get(key, float("nan"))
+        ratio = n / k if k > 0.005 else float("nan")
+        share = f"{100 * n / step:6.1f}%" if part else ""
+        lines.append(f"{name:<14} {part:<9} {n:9.2f} {k:9.2f} {ratio:7.2f} {share:>7}")
+    lines.append(f"{'sum of parts':<14} {'':<9} {step:9.2f} "
+                 f"{sum(v for (n, p), v in keras.items() if p):9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--repeats", type=common._positive(int), default=30,
+                   help="runs of each measurement; the fastest is kept")
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args(argv)
+    (x, y), _ = data_utils.load_dataset("mnist", args.data_dir, progress=False)
+    x, y = x[:128], y[:128]
+    speedup.keep_freed_memory()                 # as training does
+    from threadpoolctl import threadpool_info
+    kernels = ", ".join(f"{lib['internal_api']} {lib.get('architecture')}"
+                        for lib in threadpool_info() if lib["user_api"] == "blas")
+    print(f"Timing each layer for a batch of {len(x)}, fastest of {args.repeats} runs "
+          f"(BLAS: {kernels}; choose others with OPENBLAS_CORETYPE)...", flush=True)
+    numpy = numpy_times(x, y, args.repeats)
+    keras = keras_times(x, y, args.repeats)
+    print(table(numpy, keras))
+    return 0
+
+
+if __name__ == "__main__":
+    common.run(main)
