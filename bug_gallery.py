@@ -251,6 +251,18 @@ def dropout_keeps_rate(shape, rate, rng, dtype):
     return (rng.random(shape, dtype=dtype) < rate) / dtype(1 - rate)
 
 
+# --- Batch normalisation -------------------------------------------------------
+
+@mistake("batchnorm_backward", "treats the batch mean and variance as constants",
+         "in the forward pass they look like two numbers computed once; but every x "
+         "moved them, so the gradient flows back through them too (three terms, not one)",
+         "batchnorm_backward", "only the first of its three terms")
+def batchnorm_statistics_as_constants(dout, cache):
+    xhat, gamma, inv_std, M, total = cache
+    axes = tuple(range(dout.ndim - 1))
+    return gamma * inv_std * dout, (dout * xhat).sum(axis=axes), dout.sum(axis=axes)
+
+
 # --- Adam ----------------------------------------------------------------------
 
 @mistake("Adam.update", "leaves out the bias correction",

@@ -391,6 +391,48 @@ def check_conv2d_backward():
         lambda: np.sum(nt.conv2d_forward_naive(x, kernel, bias) * dout))
 
 
+def check_batchnorm_forward():
+    """Batch normalisation after a dense layer (N, D) and after a conv layer
+    (N, H, W, C, normalised over N, H, W), against the loop reference."""
+    rng = _rng()
+    for shape in ((6, 5), (2, 3, 4, 5)):
+        x = rng.normal(size=shape) * 3 + 1
+        gamma, beta = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+        out, _, mean, var = nt.batchnorm_forward(x, gamma, beta)
+        compare(f"batchnorm_forward: out for x of shape {shape}", out,
+                nt.batchnorm_forward_naive(x, gamma, beta))
+        axes = tuple(range(x.ndim - 1))
+        compare("batchnorm_forward: the batch mean", mean, x.mean(axis=axes))
+        compare("batchnorm_forward: the batch variance (divided by M, as Keras)", var,
+                x.var(axis=axes))
+
+
+def check_batchnorm_backward():
+    """dx, dgamma, dbeta against the loop reference (the chain rule written
+    out pair by pair) and against finite differences."""
+    rng = _rng()
+    for shape in ((6, 5), (2, 3, 4, 5)):
+        x = rng.normal(size=shape) * 3 + 1
+        gamma, beta = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+        dout = rng.normal(size=shape)
+        _, cache, _, _ = nt.batchnorm_forward(x, gamma, beta)
+        got = nt.batchnorm_backward(dout, cache)
+        want = nt.batchnorm_backward_naive(dout, x, gamma)
+        axes = tuple(range(x.ndim - 1))
+        xhat = (x - x.mean(axis=axes)) / np.sqrt(x.var(axis=axes) + 1e-3)
+        direct = gamma / np.sqrt(x.var(axis=axes) + 1e-3) * dout
+        compare(f"batchnorm_backward: dx for x of shape {shape}", got[0], want[0], lookalikes=[
+            (direct, "it has only the first of its three terms: the gradient also flows "
+                     "through the batch mean and variance, which every x moves"),
+            (direct - direct.mean(axis=axes), "it has the gradient through the mean but "
+                                              "not through the variance (the xhat term)")])
+        compare("batchnorm_backward: dgamma", got[1], (dout * xhat).sum(axis=axes))
+        compare("batchnorm_backward: dbeta", got[2], dout.sum(axis=axes))
+        _against_finite_differences(
+            "batchnorm_backward", got, (x, gamma, beta), names=("dx", "dgamma", "dbeta"),
+            loss=lambda: np.sum(nt.batchnorm_forward_naive(x, gamma, beta) * dout))
+
+
 def adam_from_the_paper(w, grads, lr, beta_1, beta_2, epsilon_hat):
     """Adam as Kingma and Ba (2015) write it in Algorithm 1, with one change
     that Keras documents: its epsilon is the paper's "epsilon hat" (the
@@ -551,6 +593,7 @@ CHECKS = [
     check_dropout_mask, check_dropout_backward, check_dropout_layer_at_inference,
     check_flatten_order, check_maxpool_forward, check_maxpool_backward,
     check_im2col, check_conv2d_forward, check_conv2d_backward,
+    check_batchnorm_forward, check_batchnorm_backward,
     check_adam, check_initial_weights, check_whole_model_gradients,
 ]
 

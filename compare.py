@@ -84,8 +84,11 @@ def keras_loss_and_grads(model, x, y, masks=None):
     draws itself: at each Dropout layer the activations are multiplied by its
     mask, which is what keras.layers.Dropout does with the mask it draws (0
     for a dropped unit, 1 / (1 - rate) for a kept one). That lets both twins
-    use the same mask. Keras computes the loss from the logits under the
-    softmax, exactly as the NumPy twin does.
+    use the same mask; masks={} is training mode for a network whose dropout
+    rate is 0. In training mode BatchNormalization uses the batch's
+    statistics; the moving statistics it updates on the way are put back, so
+    that only a training step moves them. Keras computes the loss from the
+    logits under the softmax, exactly as the NumPy twin does.
     """
     import tensorflow as tf
 
@@ -102,18 +105,30 @@ def keras_loss_and_grads(model, x, y, masks=None):
                 loss = model.loss(y, out)
             return out, loss, tape.gradient(loss, model.trainable_variables)
         model._loss_and_grads = loss_and_grads
+    kept = [(v, v.numpy()) for v in model.non_trainable_variables]
     probs, loss, grads = model._loss_and_grads(x, y, masks or {}, masks is not None)
+    for variable, value in kept:
+        variable.assign(value)
     return probs.numpy(), float(loss), [g.numpy() for g in grads]
 
 
-def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed):
+def keras_state(model):
+    """The weights a model keeps but does not learn (BatchNormalization's
+    moving statistics), as {"bn1/moving_mean": array, ...}."""
+    return {f"{layer.name}/{w.name}": w.numpy() for layer in model.layers
+            for w in layer.non_trainable_weights}
+
+
+def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed, states=None):
     """Train both models step by step on the same batches; return the losses.
 
     Each step: Keras's train_on_batch (forward, loss, gradients, Adam) and
-    the NumPy twin's train_step (the same), on the same batch. Returns
-    steps + 1 pairs (keras loss, numpy loss): one for each step, computed on
-    its batch before that step's update, and a last one computed on the last
-    batch after the last update, so that every update is checked.
+    the NumPy twin's train_step (the same), on the same batch; both with
+    dropout 0. Returns steps + 1 pairs (keras loss, numpy loss): one for each
+    step, computed in training mode on its batch before that step's update,
+    and a last one, at inference, on the last batch after the last update,
+    so that every update is checked. If states is a list, each step appends
+    the pair of the two models' kept weights (moving statistics) after it.
     """
     import mnist_cnn_numpy as nt
     optimizer = nt.Adam(float(keras_model.optimizer.learning_rate.numpy()))
@@ -124,10 +139,14 @@ def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed):
             # The loss that train_on_batch reports passes through a float32
             # running mean, so Keras's loss is taken in the model's own dtype
             # first; the step itself is Keras's ordinary training step.
-            k_loss = keras_loss_and_grads(keras_model, xb, yb)[1]
+            k_loss = keras_loss_and_grads(keras_model, xb, yb, masks={})[1]
             keras_model.train_on_batch(xb, yb)
             n_loss, _ = nt.train_step(numpy_model, optimizer, xb, yb)
             losses.append((float(k_loss), float(n_loss)))
+            if states is not None:
+                states.append((keras_state(keras_model),
+                               {f"{layer.name}/{part}": getattr(layer, part).copy()
+                                for layer in numpy_model.layers for part in layer.state}))
             if len(losses) == steps:
                 break
     n_final = nt.softmax_cross_entropy(nt.logits(numpy_model, xb), yb)[0]

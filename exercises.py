@@ -55,6 +55,7 @@ CHECKS = {
     "conv2d_backward": [checks.check_conv2d_backward],
     "glorot_uniform": [checks.check_initial_weights],
     "Adam.update": [checks.check_adam],
+    "batchnorm_backward": [checks.check_batchnorm_forward, checks.check_batchnorm_backward],
 }
 READ = {
     "dense_forward": "the shape legend at the top of mnist_cnn_numpy.py, and "
@@ -73,6 +74,8 @@ READ = {
     "conv2d_backward": "conv2d_backward_naive, and the docstring's chain rule",
     "glorot_uniform": "common.initial_weights, and Keras's GlorotUniform",
     "Adam.update": "the Adam class docstring: Keras's update rule, step by step",
+    "batchnorm_backward": "batchnorm_forward, and batchnorm_backward's docstring: why "
+                          "dx has three terms",
 }
 
 

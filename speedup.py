@@ -24,6 +24,15 @@ Dropout. The mask of the whole batch is drawn here, before the batch is cut,
 and each slice gets its rows: the random numbers, and so the results, do not
 depend on how many slices there are.
 
+Batch normalization couples the examples of a batch: each is normalised
+with the mean and variance of the *whole* batch, and its gradient needs two
+sums over the whole batch too. So a BatchNormalization layer's copies get a
+`total` function (SumOverSlices below): each slice's thread hands in its
+own per-channel sums, waits until every slice has, and gets the batch's
+totals back, the same numbers in every thread. (Frameworks call this
+synchronised batch normalization.) Each copy computes the same new moving
+statistics; the model's layer takes them from the first slice's copy.
+
 Why keep freed memory (keep_freed_memory). Every training step makes the
 same big arrays again and drops them at its end; see the function.
 """
@@ -32,6 +41,7 @@ import copy
 import ctypes
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -68,24 +78,59 @@ def train_in_slices(model, loss_and_grads, x, y):
     if len(parts) == 1:
         return loss_and_grads(model.layers, x, y, n)
     copies = [[copy.copy(layer) for layer in model.layers] for _ in parts]
+    sums = []
     for i, layer in enumerate(model.layers):
         if hasattr(layer, "draw_mask"):       # Dropout: one mask for the batch
             mask = layer.draw_mask((n,) + layer.input_shape)
             for layers, rows in zip(copies, parts):
                 layers[i].batch_mask = mask[rows]
+        if hasattr(layer, "total"):           # BatchNormalization: the batch's sums
+            sums.append(SumOverSlices(len(parts)))
+            for s, layers in enumerate(copies):
+                layers[i].total = sums[-1].for_slice(s)
 
     def work(layers, rows):
-        return loss_and_grads(layers, x[rows], y[rows], n)
+        try:
+            return loss_and_grads(layers, x[rows], y[rows], n)
+        except BaseException:
+            for total in sums:                # do not leave the other slices waiting
+                total.barrier.abort()
+            raise
 
     results = _run(work, copies, parts)
     for i, layer in enumerate(model.layers):
         for name in layer.params:             # the batch's gradient: the sum
             setattr(layer, "d" + name, sum(getattr(layers[i], "d" + name)
                                            for layers in copies))
+        for name in layer.state:              # the same in every slice's copy
+            setattr(layer, name, getattr(copies[0][i], name))
     # Each slice's loss is the mean over its own rows; weight it by their share.
     loss = sum(part_loss * (rows.stop - rows.start) / n
                for (part_loss, _), rows in zip(results, parts))
     return loss, np.concatenate([probs for _, probs in results])
+
+
+class SumOverSlices:
+    """Sums over a whole batch whose slices run on separate threads.
+
+    Each slice's thread calls for_slice(s)(its per-channel sums); all wait at
+    a barrier until every slice has handed its part in, then each adds the
+    parts up in the same order (so every thread gets the very same numbers)
+    and waits again before the parts are replaced by the next sum.
+    """
+
+    def __init__(self, count):
+        self.parts = [None] * count
+        self.barrier = threading.Barrier(count)
+
+    def for_slice(self, s):
+        def total(part):
+            self.parts[s] = part
+            self.barrier.wait()               # every slice has handed in its part
+            result = sum(self.parts[1:], self.parts[0])
+            self.barrier.wait()               # every slice has read the parts
+            return result
+        return total
 
 
 def forward_in_slices(model, forward, x):

@@ -138,11 +138,14 @@ def keras_times(x, y, repeats):
             return layer(inp, training=True)
 
         @tf.function
-        def forward_backward(inp, dout, layer=layer):
+        def forward_backward(inp, dout, layer=layer, first=(i == 0)):
+            # The first layer's input gradient is never needed (nor computed
+            # in training, by either twin).
             with tf.GradientTape() as tape:
                 tape.watch(inp)
                 out = layer(inp, training=True)
-            return tape.gradient(out, [inp] + layer.trainable_variables, output_gradients=dout)
+            wrt = ([] if first else [inp]) + layer.trainable_variables
+            return tape.gradient(out, wrt, output_gradients=dout)
 
         f = fastest(lambda: forward(inputs[i]).numpy(), repeats)
         fb = fastest(lambda: [g.numpy() for g in forward_backward(inputs[i], dout)], repeats)

@@ -1,0 +1,149 @@
+"""Batch normalization added to both twins, as the README's "Change the
+network" shows: a BatchNormalization layer after conv1 and after dense1, in
+copies of both twins. Proven like every other layer: probabilities, every
+gradient (gamma and beta included) and, after each of 20 lockstep steps,
+the loss and the moving statistics, in float32 and float64; the slices of a
+batch give the batch's statistics; the twins train and exchange weights.
+(checks.py checks batchnorm_forward and batchnorm_backward themselves.)
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import data_utils
+import proof
+import speedup
+from conftest import REPO
+from test_change_the_network import TWINS, load
+
+# README, "Change the network": a BatchNormalization line after conv1 and after dense1.
+AFTER = ['Conv2D(32, 3, activation="relu", name="conv1"),',
+         'Dense(128, activation="relu", name="dense1"),']
+NEW = ['BatchNormalization(name="bn1"),', 'BatchNormalization(name="bn2"),']
+
+
+def add_batchnorm(folder):
+    for path in REPO.glob("*.py"):
+        shutil.copy(path, folder)
+    for twin, prefix in (("keras", "layers."), ("numpy", "")):
+        lines = (folder / TWINS[twin]).read_text().splitlines()
+        for after, new in zip(AFTER, NEW):
+            (i,) = [k for k, line in enumerate(lines) if after in line]
+            indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+            lines.insert(i + 1, indent + prefix + new)
+        (folder / TWINS[twin]).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return add_batchnorm(tmp_path_factory.mktemp("batchnorm"))
+
+
+@pytest.fixture(scope="module")
+def twins_with_bn(folder):
+    return load(folder / TWINS["keras"], "bn_keras"), load(folder / TWINS["numpy"], "bn_numpy")
+
+
+@pytest.fixture(scope="module")
+def mnist(real_data_dir):
+    (x, y), _ = data_utils.load_dataset("mnist", real_data_dir, progress=False)
+    return x[:1300], y[:1300]
+
+
+def test_the_weights_file_keeps_keras_order(twins_with_bn):
+    ek, en = twins_with_bn
+    keras_keys, numpy_keys = list(ek.weight_shapes(ek.build_model())), list(
+        en.build_model().weight_shapes())
+    assert keras_keys == numpy_keys
+    assert [k for k in numpy_keys if k.startswith("bn1/")] == [
+        "bn1/gamma", "bn1/beta", "bn1/moving_mean", "bn1/moving_variance"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_twins_with_batchnorm_pass_the_proof(twins_with_bn, mnist, tmp_path, dtype):
+    ek, en = twins_with_bn
+    x, y = mnist[0].astype(dtype), mnist[1]
+    keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
+    proof.forward_and_gradients_agree(ek, en, keras_model, numpy_model, x[:64], y[:64], dtype)
+    keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
+    proof.lockstep_agrees(ek, en, keras_model, numpy_model, x, y, dtype)
+    moving = numpy_model.get_weights()["bn1/moving_mean"]
+    assert np.abs(moving).max() > 1e-3                   # the statistics really moved
+
+
+def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist):
+    """The NumPy twin in float32 against itself in float64 (which the proof
+    above shows equal to Keras in float64 to about 1e-12), on the same
+    weights and batch: within the ordinary float32 tolerances. (Keras's own
+    float32 batch statistics are less exact: see proof.BN_FLOAT32_TOL.)"""
+    _, en = twins_with_bn
+    x, y = mnist[0][:64], mnist[1][:64]
+    single, exact = en.build_model(dropout=0.0), en.build_model(dropout=0.0, dtype="float64")
+    exact.set_weights({k: v.astype("float64") for k, v in single.get_weights().items()})
+    loss32, probs32 = en.loss_and_grads(single.layers, x, y, len(x))
+    loss64, probs64 = en.loss_and_grads(exact.layers, x.astype("float64"), y, len(x))
+    assert np.max(np.abs(probs32 - probs64)) < proof.FORWARD_TOL["float32"]
+    assert abs(float(loss32) - float(loss64)) < proof.FORWARD_TOL["float32"]
+    grads64 = {k: g for k, _, g in exact.trainable_weights()}
+    diffs = [(k, proof.max_rel_diff(g, grads64[k]), []) for k, _, g in single.trainable_weights()]
+    assert max(d for _, d, _ in diffs) < proof.GRAD_TOL["float32"], proof.describe(diffs)
+
+
+def test_slices_give_the_batch_statistics(twins_with_bn, mnist):
+    """1, 2 and 3 slices on threads: the same loss, gradients and moving
+    statistics, with dropout on (float64; 1e-11 relative: the batch's
+    statistics are the slices' sums added up, in another order than one
+    sum; measured 5e-13)."""
+    _, en = twins_with_bn
+    n = 3 * speedup.MIN_SLICE + 5
+    x, y = mnist[0][:n].astype("float64"), mnist[1][:n]
+    results = []
+    for threads in (1, 2, 3):
+        model = en.build_model(seed=5, dtype="float64")
+        model.threads = threads
+        loss, probs = speedup.train_in_slices(model, en.loss_and_grads, x, y)
+        results.append((loss, probs, {k: g.copy() for k, _, g in model.trainable_weights()},
+                        model.get_weights()))
+    for loss, probs, grads, weights in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-11
+        assert proof.max_rel_diff(probs, results[0][1]) < 1e-11
+        for key in grads:
+            assert proof.max_rel_diff(grads[key], results[0][2][key]) < 1e-11, key
+        for key in weights:                              # moving statistics included
+            assert proof.max_rel_diff(weights[key], results[0][3][key]) < 1e-11, key
+
+
+def run(folder, twin, *args, data_dir):
+    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, TWINS[twin], *map(str, args)], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_twins_with_batchnorm_train_and_exchange_weights(folder, real_data_dir, tmp_path):
+    reports = {}
+    for twin in TWINS:
+        proc = run(folder, twin, "--train-limit", 300, "--epochs", 1, "--no-plots",
+                   "--out", tmp_path / twin, data_dir=real_data_dir)
+        assert proc.returncode == 0, proc.stderr
+        weights = np.load(tmp_path / twin / f"{twin}.weights.npz", allow_pickle=False)
+        kept = sum(weights[k].size for k in weights.files if "/moving_" in k)
+        assert "bn1 (BatchNormalization)" in proc.stdout
+        assert f"Non-trainable params: {kept:,}" in proc.stdout and kept > 0
+        reports[twin] = json.loads((tmp_path / twin / f"{twin}.json").read_text())
+    assert reports["keras"]["params"] == reports["numpy"]["params"]
+    for writer, loader in (("keras", "numpy"), ("numpy", "keras")):
+        out = tmp_path / f"{writer}_in_{loader}"
+        weights = tmp_path / writer / f"{writer}.weights.npz"
+        proc = run(folder, loader, "--load-weights", weights, "--eval-only", "--no-plots",
+                   "--out", out, data_dir=real_data_dir)
+        assert proc.returncode == 0, proc.stderr
+        swapped = json.loads((out / f"{loader}.eval.json").read_text())
+        assert abs(swapped["test_accuracy"] - reports[writer]["test_accuracy"]) <= 2e-4
+        assert abs(swapped["test_loss"] - reports[writer]["test_loss"]) < 1e-4
