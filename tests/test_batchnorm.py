@@ -7,11 +7,7 @@ batch give the batch's statistics; the twins train and exchange weights.
 (checks.py checks batchnorm_forward and batchnorm_backward themselves.)
 """
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ import data_utils
 import proof
 import speedup
 from conftest import REPO
-from test_change_the_network import TWINS, load
+from test_change_the_network import TWINS, load, train_and_exchange
 
 # README, "Change the network": a BatchNormalization line after conv1 and after dense1.
 AFTER = ['Conv2D(32, 3, activation="relu", name="conv1"),',
@@ -120,30 +116,10 @@ def test_slices_give_the_batch_statistics(twins_with_bn, mnist):
             assert proof.max_rel_diff(weights[key], results[0][3][key]) < 1e-11, key
 
 
-def run(folder, twin, *args, data_dir):
-    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir))
-    return subprocess.run([sys.executable, TWINS[twin], *map(str, args)], cwd=folder,
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_twins_with_batchnorm_train_and_exchange_weights(folder, real_data_dir, tmp_path):
-    reports = {}
-    for twin in TWINS:
-        proc = run(folder, twin, "--train-limit", 300, "--epochs", 1, "--no-plots",
-                   "--out", tmp_path / twin, data_dir=real_data_dir)
-        assert proc.returncode == 0, proc.stderr
+    runs = train_and_exchange(folder, real_data_dir, tmp_path)
+    for twin, (stdout, _) in runs.items():
         weights = np.load(tmp_path / twin / f"{twin}.weights.npz", allow_pickle=False)
         kept = sum(weights[k].size for k in weights.files if "/moving_" in k)
-        assert "bn1 (BatchNormalization)" in proc.stdout
-        assert f"Non-trainable params: {kept:,}" in proc.stdout and kept > 0
-        reports[twin] = json.loads((tmp_path / twin / f"{twin}.json").read_text())
-    assert reports["keras"]["params"] == reports["numpy"]["params"]
-    for writer, loader in (("keras", "numpy"), ("numpy", "keras")):
-        out = tmp_path / f"{writer}_in_{loader}"
-        weights = tmp_path / writer / f"{writer}.weights.npz"
-        proc = run(folder, loader, "--load-weights", weights, "--eval-only", "--no-plots",
-                   "--out", out, data_dir=real_data_dir)
-        assert proc.returncode == 0, proc.stderr
-        swapped = json.loads((out / f"{loader}.eval.json").read_text())
-        assert abs(swapped["test_accuracy"] - reports[writer]["test_accuracy"]) <= 2e-4
-        assert abs(swapped["test_loss"] - reports[writer]["test_loss"]) < 1e-4
+        assert "bn1 (BatchNormalization)" in stdout
+        assert f"Non-trainable params: {kept:,}" in stdout and kept > 0

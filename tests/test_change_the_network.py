@@ -88,27 +88,37 @@ def run(folder, twin, *args, data_dir):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_edited_twins_train_and_exchange_weights(both_edited, real_data_dir, tmp_path):
-    reports = {}
+def train_and_exchange(folder, data_dir, tmp_path):
+    """Both (edited) twins in folder train briefly; each evaluates the other's
+    weights file and reports the same accuracy and loss. Returns
+    {twin: (its training output, its report)}."""
+    runs = {}
     for twin in TWINS:
-        proc = run(both_edited, twin, "--train-limit", 300, "--epochs", 1, "--no-plots",
-                   "--out", tmp_path / twin, data_dir=real_data_dir)
+        proc = run(folder, twin, "--train-limit", 300, "--epochs", 1, "--no-plots",
+                   "--out", tmp_path / twin, data_dir=data_dir)
         assert proc.returncode == 0, proc.stderr
-        reports[twin] = json.loads((tmp_path / twin / f"{twin}.json").read_text())
+        report = json.loads((tmp_path / twin / f"{twin}.json").read_text())
         weights = np.load(tmp_path / twin / f"{twin}.weights.npz", allow_pickle=False)
         params = sum(weights[k].size for k in weights.files)
-        assert reports[twin]["params"] == params
-        assert f"Total params: {params:,}" in proc.stdout
-    assert reports["keras"]["params"] == reports["numpy"]["params"]
+        assert report["params"] == params and f"Total params: {params:,}" in proc.stdout
+        runs[twin] = (proc.stdout, report)
+    assert runs["keras"][1]["params"] == runs["numpy"][1]["params"]
     for writer, loader in (("keras", "numpy"), ("numpy", "keras")):
         out = tmp_path / f"{writer}_in_{loader}"
         weights = tmp_path / writer / f"{writer}.weights.npz"
-        proc = run(both_edited, loader, "--load-weights", weights, "--eval-only", "--no-plots",
-                   "--out", out, data_dir=real_data_dir)
+        proc = run(folder, loader, "--load-weights", weights, "--eval-only", "--no-plots",
+                   "--out", out, data_dir=data_dir)
         assert proc.returncode == 0, proc.stderr
         swapped = json.loads((out / f"{loader}.eval.json").read_text())
-        assert abs(swapped["test_accuracy"] - reports[writer]["test_accuracy"]) <= 2e-4
-        assert abs(swapped["test_loss"] - reports[writer]["test_loss"]) < 1e-4
+        original = runs[writer][1]
+        assert abs(swapped["test_accuracy"] - original["test_accuracy"]) <= 2e-4
+        assert abs(swapped["test_loss"] - original["test_loss"]) < 1e-4
+    return runs
+
+
+def test_edited_twins_train_and_exchange_weights(both_edited, real_data_dir, tmp_path):
+    runs = train_and_exchange(both_edited, real_data_dir, tmp_path)
+    assert runs["numpy"][1]["params"] != nt.build_model().count_params()
 
 
 def test_one_twin_edited_gives_one_clear_message(tmp_path, real_data_dir):
