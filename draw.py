@@ -23,7 +23,6 @@ import base64
 import http.server
 import io
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -215,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(lambda: main(sys.argv[1:]))
+    common.run(main)

@@ -33,6 +33,16 @@ def real_data_dir():
     return root.resolve()
 
 
+@pytest.fixture(scope="module")
+def mnist_head(real_data_dir):
+    """The first 1,300 real MNIST training images and labels: the twin
+    tests' lockstep batches."""
+    import data_utils
+
+    (x, y), _ = data_utils.load_dataset("mnist", real_data_dir, progress=False)
+    return x[:1300], y[:1300]
+
+
 # --- A local HTTP server whose answers each test scripts -------------------
 #
 # server.routes maps a URL path to a list of actions; each request takes the

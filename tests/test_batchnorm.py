@@ -12,11 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
-import data_utils
 import proof
 import speedup
 from conftest import REPO
-from test_change_the_network import TWINS, load, train_and_exchange
+from test_change_the_network import TWINS, load_twins, train_and_exchange
 
 # README, "Change the network": a BatchNormalization line after conv1 and after dense1.
 AFTER = ['Conv2D(32, 3, activation="relu", name="conv1"),',
@@ -44,13 +43,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def twins_with_bn(folder):
-    return load(folder / TWINS["keras"], "bn_keras"), load(folder / TWINS["numpy"], "bn_numpy")
-
-
-@pytest.fixture(scope="module")
-def mnist(real_data_dir):
-    (x, y), _ = data_utils.load_dataset("mnist", real_data_dir, progress=False)
-    return x[:1300], y[:1300]
+    return load_twins(folder, "bn")
 
 
 def test_the_weights_file_keeps_keras_order(twins_with_bn):
@@ -63,9 +56,9 @@ def test_the_weights_file_keeps_keras_order(twins_with_bn):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_twins_with_batchnorm_pass_the_proof(twins_with_bn, mnist, tmp_path, dtype):
+def test_twins_with_batchnorm_pass_the_proof(twins_with_bn, mnist_head, tmp_path, dtype):
     ek, en = twins_with_bn
-    x, y = mnist[0].astype(dtype), mnist[1]
+    x, y = mnist_head[0].astype(dtype), mnist_head[1]
     keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
     proof.forward_and_gradients_agree(ek, en, keras_model, numpy_model, x[:64], y[:64], dtype)
     keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
@@ -74,13 +67,13 @@ def test_twins_with_batchnorm_pass_the_proof(twins_with_bn, mnist, tmp_path, dty
     assert np.abs(moving).max() > 1e-3                   # the statistics really moved
 
 
-def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist):
+def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist_head):
     """The NumPy twin in float32 against itself in float64 (which the proof
     above shows equal to Keras in float64 to about 1e-12), on the same
     weights and batch: within the ordinary float32 tolerances. (Keras's own
     float32 batch statistics are less exact: see proof.BN_FLOAT32_TOL.)"""
     _, en = twins_with_bn
-    x, y = mnist[0][:64], mnist[1][:64]
+    x, y = mnist_head[0][:64], mnist_head[1][:64]
     single, exact = en.build_model(dropout=0.0), en.build_model(dropout=0.0, dtype="float64")
     exact.set_weights({k: v.astype("float64") for k, v in single.get_weights().items()})
     loss32, probs32 = en.loss_and_grads(single.layers, x, y, len(x))
@@ -92,14 +85,14 @@ def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist):
     assert max(d for _, d, _ in diffs) < proof.GRAD_TOL["float32"], proof.describe(diffs)
 
 
-def test_slices_give_the_batch_statistics(twins_with_bn, mnist):
+def test_slices_give_the_batch_statistics(twins_with_bn, mnist_head):
     """1, 2 and 3 slices on threads: the same loss, gradients and moving
     statistics, with dropout on (float64; 1e-11 relative: the batch's
     statistics are the slices' sums added up, in another order than one
     sum; measured 5e-13)."""
     _, en = twins_with_bn
     n = 3 * speedup.MIN_SLICE + 5
-    x, y = mnist[0][:n].astype("float64"), mnist[1][:n]
+    x, y = mnist_head[0][:n].astype("float64"), mnist_head[1][:n]
     results = []
     for threads in (1, 2, 3):
         model = en.build_model(seed=5, dtype="float64")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import common
-import data_utils
 import mnist_cnn_keras as kt
 import mnist_cnn_numpy as nt
 import proof
@@ -52,16 +51,15 @@ def both_edited(tmp_path_factory):
     return copy_with_edits(tmp_path_factory.mktemp("both"), ["keras", "numpy"])
 
 
+def load_twins(folder, prefix):
+    """Both twins of folder as modules, under names of their own."""
+    return (load(folder / TWINS["keras"], f"{prefix}_keras"),
+            load(folder / TWINS["numpy"], f"{prefix}_numpy"))
+
+
 @pytest.fixture(scope="module")
 def edited_modules(both_edited):
-    return (load(both_edited / TWINS["keras"], "edited_keras"),
-            load(both_edited / TWINS["numpy"], "edited_numpy"))
-
-
-@pytest.fixture(scope="module")
-def mnist(real_data_dir):
-    (x, y), _ = data_utils.load_dataset("mnist", real_data_dir, progress=False)
-    return x[:1300], y[:1300]
+    return load_twins(both_edited, "edited")
 
 
 def test_the_edit_changes_the_network(edited_modules):
@@ -73,9 +71,9 @@ def test_the_edit_changes_the_network(edited_modules):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_edited_twins_pass_the_proof(edited_modules, mnist, tmp_path, dtype):
+def test_edited_twins_pass_the_proof(edited_modules, mnist_head, tmp_path, dtype):
     ek, en = edited_modules
-    x, y = mnist[0].astype(dtype), mnist[1]
+    x, y = mnist_head[0].astype(dtype), mnist_head[1]
     keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
     proof.forward_and_gradients_agree(ek, en, keras_model, numpy_model, x[:64], y[:64], dtype)
     keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
