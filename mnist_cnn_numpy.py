@@ -754,7 +754,8 @@ class Sequential:
     the shape the one before it gives, then sets the starting weights.
 
     seed: the starting weights (common.initial_weights) and the dropout masks.
-    threads: how many slices speedup.py cuts a batch into (default: one per core).
+    threads: how many threads speedup.py runs a batch's slices on (default:
+    one per core).
     """
 
     def __init__(self, layers, seed=0, dtype="float32", threads=None):
@@ -1012,7 +1013,7 @@ def train(model, train_set, val_set, args):
 # =============================================================================
 
 def logits(model, x):
-    """forward(model.layers, x): the logits (N, 10), one slice per core."""
+    """forward(model.layers, x): the logits (N, 10), in slices, on one thread per core."""
     return speedup.forward_in_slices(model, forward, x.astype(model.dtype, copy=False))
 
 

@@ -5,7 +5,7 @@
 
 For a batch of 128 real MNIST images, times each layer's forward and
 backward pass in both twins: the NumPy twin's functions as training runs
-them (the batch cut into one slice per core, on threads, speedup.py), and
+them (the batch cut into slices of 32, on one thread per core, speedup.py), and
 the same Keras layer under tf.function, forward alone and forward with
 tf.GradientTape (backward = the difference). Then the loss, the optimizer
 step, a whole training step, and the evaluation of a batch of 256 (the
@@ -46,7 +46,7 @@ def fastest(fn, repeats):
 
 def numpy_times(x, y, repeats):
     """{(layer, "forward"/"backward"): ms} for the NumPy twin, as it trains:
-    each layer runs on one slice of the batch per core, at the same time."""
+    each layer runs on the batch's slices, on one thread per core."""
     model = nt.build_model(seed=0)
     parts = speedup.slices(len(x), model.threads)
     copies = [[copy.copy(layer) for layer in model.layers] for _ in parts]
@@ -63,7 +63,7 @@ def numpy_times(x, y, repeats):
     times = {}
 
     def run(work):
-        return speedup._run(work, copies, parts)
+        return speedup._run(work, copies, parts, model.threads)
 
     douts = []
     for s, rows in enumerate(parts):

@@ -85,7 +85,7 @@ def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist_head):
     assert max(d for _, d, _ in diffs) < proof.GRAD_TOL["float32"], proof.describe(diffs)
 
 
-def test_slices_give_the_batch_statistics(twins_with_bn, mnist_head):
+def test_slices_give_the_batch_statistics(twins_with_bn, mnist_head, monkeypatch):
     """1, 2 and 3 slices on threads: the same loss, gradients and moving
     statistics, with dropout on (float64; 1e-11 relative: the batch's
     statistics are the slices' sums added up, in another order than one
@@ -94,6 +94,16 @@ def test_slices_give_the_batch_statistics(twins_with_bn, mnist_head):
     n = 3 * speedup.MIN_SLICE + 5
     x, y = mnist_head[0][:n].astype("float64"), mnist_head[1][:n]
     results = []
+    run = speedup._run
+
+    def one_slice_per_thread(work, copies, parts, threads):
+        # The slices wait for each other, so they must all run at once: more
+        # slices than threads would wait forever (checked before they start).
+        assert len(parts) == threads, f"{len(parts)} slices on {threads} threads"
+        return run(work, copies, parts, threads)
+
+    monkeypatch.setattr(speedup, "_run", one_slice_per_thread)
+    monkeypatch.setattr(speedup, "SLICE", speedup.MIN_SLICE)   # a plain model: 3 slices
     for threads in (1, 2, 3):
         model = en.build_model(seed=5, dtype="float64")
         model.threads = threads

@@ -59,17 +59,20 @@ def test_relu_in_place_gives_the_same_numbers():
     assert back2 is dout2 and np.array_equal(back2, nn.relu_backward(dout, cache))
 
 
-def test_threads_change_nothing_but_rounding():
+def test_threads_change_nothing_but_rounding(monkeypatch):
     """A batch cut into slices on threads gives the loss, probabilities and
     gradients of the whole batch at once, with the same dropout masks: in
-    float64 equal to rounding, whatever the number of slices."""
-    x = RNG.random((3 * speedup.MIN_SLICE + 5, 28, 28, 1))
+    float64 equal to rounding, whatever the number of threads and slices."""
+    x = RNG.random((3 * speedup.MIN_SLICE + 5, 28, 28, 1))              # 53 examples
     y = RNG.integers(0, 10, len(x))
     results = []
-    for threads in (1, 2, 3):
+    # (threads, slice size) -> slices: (1, 53) -> 1; (1, 26) -> 2 one after
+    # the other; (2, 16) -> 3 on 2 threads; (3, 32) -> 3 at once.
+    for threads, size, count in [(1, 53, 1), (1, 26, 2), (2, 16, 3), (3, 32, 3)]:
+        monkeypatch.setattr(speedup, "SLICE", size)
+        assert len(speedup.slices(len(x), threads)) == count
         model = nn.build_model(seed=5, dtype="float64")              # dropout on
         model.threads = threads
-        assert len(speedup.slices(len(x), threads)) == threads
         loss, probs = speedup.train_in_slices(model, nn.loss_and_grads, x, y)
         grads = [g for _, _, g in model.trainable_weights()]
         results.append((loss, probs, grads, nn.logits(model, x)))
