@@ -114,14 +114,22 @@ def train_in_slices(model, loss_and_grads, x, y):
     results = _run(work, copies, parts, model.threads)
     for i, layer in enumerate(model.layers):
         for name in layer.params:             # the batch's gradient: the sum
-            setattr(layer, "d" + name, sum(getattr(layers[i], "d" + name)
-                                           for layers in copies))
+            setattr(layer, "d" + name, _add_up([getattr(layers[i], "d" + name)
+                                                for layers in copies]))
         for name in layer.state:              # the same in every slice's copy
             setattr(layer, name, getattr(copies[0][i], name))
     # Each slice's loss is the mean over its own rows; weight it by their share.
     loss = sum(part_loss * (rows.stop - rows.start) / n
                for (part_loss, _), rows in zip(results, parts))
     return loss, np.concatenate([probs for _, probs in results])
+
+
+def _add_up(arrays):
+    """sum(arrays), into one new array (sum() would make one per addition)."""
+    total = arrays[0] + arrays[1]
+    for more in arrays[2:]:
+        total += more
+    return total
 
 
 class SumOverSlices:
