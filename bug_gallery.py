@@ -72,7 +72,7 @@ def conv_flipped_kernel(x, kernel, bias):
     flipped = kernel[::-1, ::-1]                                   # the mistake
     weights = np.concatenate([flipped.reshape(K * K * C, F), bias[None]])
     out = cols @ weights
-    return out.reshape(N, H - K + 1, W - K + 1, F), (x.shape, cols, kernel)
+    return out.reshape(N, H - K + 1, W - K + 1, F), (x, kernel)
 
 
 @mistake("im2col", "copies each window channel by channel, (C, K, K), not (K, K, C)",
@@ -91,10 +91,11 @@ def im2col_channel_major(x, K):
          "looks like copying too; but a pixel in several windows collects from each",
          "conv2d_backward", "where windows overlap")
 def col2im_assigns(dout, cache, need_dx=True):
-    x_shape, cols, kernel = cache
-    N, H, W, C = x_shape
+    x, kernel = cache
+    N, H, W, C = x_shape = x.shape
     K, _, _, F = kernel.shape
     Ho, Wo = H - K + 1, W - K + 1
+    cols = im2col(x, K)
     dout2d = dout.reshape(-1, F)
     dweights = cols.T @ dout2d
     dkernel, dbias = dweights[:-1].reshape(K, K, C, F), dweights[-1]
@@ -109,10 +110,11 @@ def col2im_assigns(dout, cache, need_dx=True):
          "dbias = dout.sum(axis=0) is right for a dense layer; a conv bias is also added "
          "at every output position", "conv2d_backward", "a sum over an axis is missing")
 def conv_dbias_batch_only(dout, cache, need_dx=True):
-    x_shape, cols, kernel = cache
-    N, H, W, C = x_shape
+    x, kernel = cache
+    N, H, W, C = x_shape = x.shape
     K, _, _, F = kernel.shape
     Ho, Wo = H - K + 1, W - K + 1
+    cols = im2col(x, K)
     dout2d = dout.reshape(-1, F)
     dkernel = (cols[:, :-1].T @ dout2d).reshape(K, K, C, F)
     dbias = dout.sum(axis=0)                                       # the mistake

@@ -108,6 +108,11 @@ def conv2d_forward(x, kernel, bias):
     weight: each row of cols ends in a 1 and the weight matrix ends in the
     bias row, so cols @ weights = (window . kernel) + 1 * bias, with no
     separate pass over the output to add it.
+    The cache keeps x, not cols, although the backward pass needs cols
+    again: cols is K*K = 9 times bigger than x, and by the time the backward
+    pass comes, a kept cols has left the CPU's caches and must come back from
+    memory. Copying it again from x, which is small, is faster (recomputing
+    instead of storing, as frameworks do to save memory).
     """
     # Exercise 12. Hint: im2col, then one product with the kernel as a (K*K*C, F) matrix.
     N, H, W, C = x.shape
@@ -116,7 +121,7 @@ def conv2d_forward(x, kernel, bias):
     cols = im2col(x, K)                                       # (N*H'*W', K*K*C + 1)
     weights = np.concatenate([kernel.reshape(K * K * C, F), bias[None]])  # (K*K*C + 1, F)
     out = cols @ weights                                      # (N*H'*W', F)
-    return out.reshape(N, Ho, Wo, F), (x.shape, cols, kernel)  # (N, H', W', F)
+    return out.reshape(N, Ho, Wo, F), (x, kernel)              # (N, H', W', F)
 
 
 def conv2d_backward(dout, cache, need_dx=True):
@@ -136,10 +141,11 @@ def conv2d_backward(dout, cache, need_dx=True):
     The first layer skips dx (need_dx=False): nothing before it learns.
     """
     # Exercise 13. Hint: the chain rule through cols @ weights; every window adds its share of dx.
-    x_shape, cols, kernel = cache
-    N, H, W, C = x_shape
+    x, kernel = cache
+    N, H, W, C = x_shape = x.shape
     K, _, _, F = kernel.shape
     Ho, Wo = H - K + 1, W - K + 1
+    cols = im2col(x, K)                                       # again (see conv2d_forward)
     dout2d = dout.reshape(-1, F)                              # (N*H'*W', F)
     # np.dot, not @: for a product whose result is small (here (K*K*C + 1) x F,
     # e.g. 10 x 32) NumPy's @ keeps Python's lock (the GIL) while it works,
