@@ -912,8 +912,9 @@ def train_step(model, optimizer, x, y):
     """One step of training on one batch; returns the batch's (loss, probs)."""
     # --- The speed-up, in this one place -----------------------------------
     # On one core this line is loss_and_grads(model.layers, x, y, len(x)).
-    # train_in_slices runs it on one slice of the batch per core, at the same
-    # time, and adds the slices' gradients up: the same numbers, sooner.
+    # train_in_slices cuts the batch into slices, runs it on them with one
+    # thread per core at the same time, and adds the slices' gradients up:
+    # the same numbers (up to rounding), sooner.
     loss, probs = speedup.train_in_slices(model, loss_and_grads, x, y)
     # ---------------------------------------------------------------------------
     optimizer.update(model.trainable_weights())

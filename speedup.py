@@ -78,7 +78,8 @@ def slices(n, threads, size=None):
 
 
 def train_in_slices(model, loss_and_grads, x, y):
-    """loss_and_grads(layers, x, y, N) on one slice of the batch per core.
+    """loss_and_grads(layers, x, y, N) on slices of the batch, on one thread
+    per core.
 
     Returns the batch's (loss, probs), and leaves on each of the model's
     layers the gradients of the whole batch (dkernel, dbias, ...), exactly as

@@ -260,7 +260,7 @@ def main(argv=None):
     print("Matmul rate (float32, NumPy, best of the rounds' probes): " +
           ", ".join(f"{name} {g:.0f} GFLOP/s" for name, g in matmul.items()))
     print(f"NumPy twin over its fastest epoch: {achieved:.0f} GFLOP/s = "
-          f"{100 * achieved / peak:.0f}% of the best matmul rate")
+          f"{100 * achieved / peak:.1f}% of the best matmul rate")
     path = out / "benchmark.json"
     common.write_report(path, results)
     print(f"Wrote {path}")
