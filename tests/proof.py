@@ -198,3 +198,14 @@ def lockstep_agrees(kt, nt, keras_model, numpy_model, x, y, dtype, steps=20):
         diffs = [(k, float(np.max(np.abs(nw[k] - kw[k]))), []) for k in kw]
     assert max(d for _, d, _ in diffs) < weight_tol, "weights differ:\n" + describe(diffs)
     return losses
+
+
+def edited_twins_agree(kt, nt, x, y, dtype, tmp_path):
+    """The whole proof for a pair of edited twin modules (no dropout): forward
+    and gradients on 64 images, then the lockstep on fresh twins. Returns the
+    NumPy twin after the lockstep."""
+    keras_model, numpy_model = twins(kt, nt, dtype, tmp_path, dropout=0.0)
+    forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x[:64], y[:64], dtype)
+    keras_model, numpy_model = twins(kt, nt, dtype, tmp_path, dropout=0.0)
+    lockstep_agrees(kt, nt, keras_model, numpy_model, x, y, dtype)
+    return numpy_model

@@ -74,10 +74,7 @@ def test_the_edit_changes_the_network(edited_modules):
 def test_edited_twins_pass_the_proof(edited_modules, mnist_head, tmp_path, dtype):
     ek, en = edited_modules
     x, y = mnist_head[0].astype(dtype), mnist_head[1]
-    keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
-    proof.forward_and_gradients_agree(ek, en, keras_model, numpy_model, x[:64], y[:64], dtype)
-    keras_model, numpy_model = proof.twins(ek, en, dtype, tmp_path, dropout=0.0)
-    proof.lockstep_agrees(ek, en, keras_model, numpy_model, x, y, dtype)
+    proof.edited_twins_agree(ek, en, x, y, dtype, tmp_path)
 
 
 def run(folder, twin, *args, data_dir):
