@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-import common
 import data_utils
+from helpers import common
 
 ROWS = [  # (label, how to show a report's value)
     ("Test accuracy", lambda r: f"{100 * r['test_accuracy']:.2f}%"),
@@ -58,7 +58,7 @@ def table(reports):
 
 
 def curves_figure(reports, path):
-    import plots
+    from helpers import plots
     plt = plots.plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -75,83 +75,41 @@ def curves_figure(reports, path):
     plots._save(fig, path)
 
 
-def keras_loss_and_grads(model, x, y, masks=None):
-    """Keras's loss (mean cross-entropy), probabilities and gradients for one
-    batch, in the model's dtype, run as a TensorFlow graph as in model.fit.
-
-    masks=None: inference, dropout off. masks={"dropout": array (N, units),
-    ...}: training mode, with these dropout masks instead of ones Keras
-    draws itself: at each Dropout layer the activations are multiplied by its
-    mask, which is what keras.layers.Dropout does with the mask it draws (0
-    for a dropped unit, 1 / (1 - rate) for a kept one). That lets both twins
-    use the same mask; masks={} is training mode for a network whose dropout
-    rate is 0. In training mode BatchNormalization uses the batch's
-    statistics; the moving statistics it updates on the way are put back, so
-    that only a training step moves them. Keras computes the loss from the
-    logits under the softmax, exactly as the NumPy twin does.
-    """
-    import tensorflow as tf
-
-    if not hasattr(model, "_loss_and_grads"):
-        @tf.function
-        def loss_and_grads(x, y, masks, training):
-            with tf.GradientTape() as tape:
-                out = x
-                for layer in model.layers:
-                    if layer.name in masks:
-                        out = out * masks[layer.name]
-                    else:
-                        out = layer(out, training=training)
-                loss = model.loss(y, out)
-            return out, loss, tape.gradient(loss, model.trainable_variables)
-        model._loss_and_grads = loss_and_grads
+def keras_loss(model, x, y, training=True):
+    """Keras's mean loss on one batch, in the model's dtype, computed from
+    the logits as in model.fit. Training mode (batch normalization with the
+    batch's statistics) moves nothing: the moving statistics are put back."""
     kept = [(v, v.numpy()) for v in model.non_trainable_variables]
-    probs, loss, grads = model._loss_and_grads(x, y, masks or {}, masks is not None)
+    loss = float(model.loss(y, model(x, training=training)))
     for variable, value in kept:
         variable.assign(value)
-    return probs.numpy(), float(loss), [g.numpy() for g in grads]
+    return loss
 
 
-def keras_state(model):
-    """The weights a model keeps but does not learn (BatchNormalization's
-    moving statistics), as {"bn1/moving_mean": array, ...}."""
-    return {f"{layer.name}/{w.name}": w.numpy() for layer in model.layers
-            for w in layer.non_trainable_weights}
-
-
-def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed, states=None):
-    """Train both models step by step on the same batches; return the losses.
-
-    Each step: Keras's train_on_batch (forward, loss, gradients, Adam) and
-    the NumPy twin's train_step (the same), on the same batch; both with
-    dropout 0. Returns steps + 1 pairs (keras loss, numpy loss): one for each
-    step, computed in training mode on its batch before that step's update,
-    and a last one, at inference, on the last batch after the last update,
-    so that every update is checked. If states is a list, each step appends
-    the pair of the two models' kept weights (moving statistics) after it.
-    """
+def lockstep(keras_model, numpy_model, x, y, steps, batch_size, seed):
+    """Train both models step by step on the same batches, both with dropout
+    0: Keras's train_on_batch and the NumPy twin's train_step (forward,
+    loss, gradients, Adam). Yields steps + 1 pairs (keras loss, numpy loss):
+    one for each step, computed in training mode on its batch before that
+    step's update, and a last one, at inference, on the last batch after the
+    last update, so that every update is checked. numpy_model may be built
+    by an edited copy of the NumPy twin: its layers do their own arithmetic."""
     import mnist_cnn_numpy as nt
     optimizer = nt.Adam(float(keras_model.optimizer.learning_rate.numpy()))
-    rng = common.random_streams(seed)["batches"]
-    losses = []
-    while len(losses) < steps:
+    rng, done = common.random_streams(seed)["batches"], 0
+    while done < steps:
         for xb, yb in data_utils.iterate_minibatches(x, y, batch_size, rng):
-            # The loss that train_on_batch reports passes through a float32
-            # running mean, so Keras's loss is taken in the model's own dtype
-            # first; the step itself is Keras's ordinary training step.
-            k_loss = keras_loss_and_grads(keras_model, xb, yb, masks={})[1]
+            # The loss train_on_batch reports passes through a float32 running
+            # mean, so Keras's loss is taken in the model's own dtype first.
+            k_loss = keras_loss(keras_model, xb, yb)
             keras_model.train_on_batch(xb, yb)
             n_loss, _ = nt.train_step(numpy_model, optimizer, xb, yb)
-            losses.append((float(k_loss), float(n_loss)))
-            if states is not None:
-                states.append((keras_state(keras_model),
-                               {f"{layer.name}/{part}": getattr(layer, part).copy()
-                                for layer in numpy_model.layers for part in layer.state}))
-            if len(losses) == steps:
+            done += 1
+            yield k_loss, float(n_loss)
+            if done == steps:
                 break
-    n_final = nt.softmax_cross_entropy(nt.logits(numpy_model, xb), yb)[0]
-    losses.append((keras_loss_and_grads(keras_model, xb, yb)[1], float(n_final)))
-    return losses
+    yield (keras_loss(keras_model, xb, yb, training=False),
+           float(nt.softmax_cross_entropy(nt.logits(numpy_model, xb), yb)[0]))
 
 
 def run_lockstep(args):

@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import requests
 
+from helpers.progress import ProgressBar
+
 
 class DataError(Exception):
     """Anything wrong with getting or reading a dataset. The message says what
@@ -326,7 +328,7 @@ def _stream(session, url, out, max_body, progress, label):
             if total > max_body:
                 raise _NextMirror(f"body of {total:,} bytes is larger than "
                                   f"the file can be ({max_body:,})")
-            bar = _ProgressBar(label, total) if progress else None
+            bar = _download_bar(label, total) if progress else None
             done = 0
             for chunk in r.iter_content(CHUNK):
                 done += len(chunk)
@@ -337,7 +339,7 @@ def _stream(session, url, out, max_body, progress, label):
                 if bar:
                     bar.update(done)
             if bar:
-                bar.close(done)
+                bar.close(f"Downloaded {label} ({done / 1e6:.1f} MB).")
     except requests.exceptions.Timeout:
         raise _Retry("timed out") from None
     except (requests.exceptions.ConnectionError,
@@ -347,41 +349,25 @@ def _stream(session, url, out, max_body, progress, label):
         raise _NextMirror(f"request failed ({_short(e)})") from None
 
 
+def _download_bar(label, total):
+    """The progress bar of a download of `total` bytes, on stderr; small
+    files (under 1 MB) download silently."""
+    if total < 1_000_000:
+        return None
+    bar = ProgressBar(total, sys.stderr,
+                      lambda done, total: f"Downloading {label} {done / 1e6:5.1f}/"
+                                          f"{total / 1e6:.1f} MB")
+    if not bar.tty:
+        print(f"Downloading {label} ({total / 1e6:.1f} MB)...", file=sys.stderr, flush=True)
+    return bar
+
+
 def _short(exc):
     """The innermost, most specific reason of a requests exception."""
     while exc.__context__ is not None and str(exc.__context__):
         exc = exc.__context__
     text = str(exc).split("(Caused by")[0].strip()
     return (text[:150] + "...") if len(text) > 150 else text
-
-
-class _ProgressBar:
-    """A one-line download bar on stderr; redrawn in a terminal, else two lines."""
-
-    def __init__(self, label, total):
-        self.label, self.total = label, total
-        self.tty = sys.stderr.isatty()
-        self.shown = total >= 1_000_000        # small files download silently
-        self.last = 0.0
-        if self.shown and not self.tty:
-            print(f"Downloading {label} ({total / 1e6:.1f} MB)...",
-                  file=sys.stderr, flush=True)
-
-    def update(self, done):
-        now = time.monotonic()
-        if self.shown and self.tty and now - self.last > 0.1:
-            self.last = now
-            frac = min(done / self.total, 1.0)
-            bar = "#" * int(30 * frac)
-            print(f"\rDownloading {self.label} [{bar:<30}] "
-                  f"{done / 1e6:5.1f}/{self.total / 1e6:.1f} MB",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self, done):
-        if self.shown:
-            end = "\n" if self.tty else ""
-            print(f"{end}Downloaded {self.label} ({done / 1e6:.1f} MB).",
-                  file=sys.stderr, flush=True)
 
 
 def _offline_help(name, raw_name, dest_dir, failures):

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import common
+from helpers import common
 import data_utils
 import mnist_cnn_numpy as nt
-import own_digits
+from helpers import own_digits
 
-PAGE = Path(__file__).resolve().with_name("draw.html")
+PAGE = Path(__file__).resolve().parent / "helpers" / "draw.html"
 MAX_BODY = 5_000_000           # bytes: a drawing is a few kB, a phone photo a few MB
 SHOWN = 280                    # pixels: the longest side of each step's picture
 MAPS = 8                       # channels shown per layer

@@ -7,15 +7,18 @@
     python exercises.py list                   # the exercises, with what to read first
 
 The workbook is made from the twin itself: every function marked
-"# Exercise N. Hint: ..." in mnist_cnn_numpy.py (and common.py) becomes an
-exercise, its docstring (shapes, formula) kept and its body replaced by a
-TODO, so the exercises and the twin cannot drift apart. The checker runs
-the same named checks as the tests and the bug gallery (checks.py): against
-the slow reference functions, finite differences and Adam as the paper
-writes it, with the gallery's diagnoses in a learner's words.
+"# Exercise. Hint: ..." in mnist_cnn_numpy.py (then batchnorm.py and
+helpers/common.py) becomes an exercise, numbered in the order the files
+read, its docstring (shapes, formula, what it returns) kept and its body
+replaced by a TODO, so the exercises and the twin cannot drift apart. The
+checker runs the same named checks as the tests and the bug gallery
+(helpers/checks.py): against the slow reference functions, finite
+differences and Adam as the paper writes it, with the gallery's diagnoses in
+a learner's words.
 
 The solutions are the twin's own functions, under the same names in
-mnist_cnn_numpy.py (common.py for glorot_uniform): read them after trying.
+mnist_cnn_numpy.py (batchnorm.py for batchnorm_backward, helpers/common.py
+for glorot_uniform): read them after trying.
 """
 
 import argparse
@@ -29,53 +32,40 @@ from pathlib import Path
 
 import numpy as np
 
-import checks
-import common
+import batchnorm
 import mnist_cnn_numpy as nt
+from helpers import checks, common
 
 REPO = Path(__file__).resolve().parent
-SOURCES = [REPO / "mnist_cnn_numpy.py", REPO / "common.py"]
+# The files whose marked functions are exercises, in order, and the module
+# that holds each while the twin runs.
+SOURCES = {REPO / "mnist_cnn_numpy.py": nt, REPO / "batchnorm.py": batchnorm,
+           REPO / "helpers" / "common.py": common}
 DEFAULT_WORKBOOK = REPO / "workbook.py"
-MARKER = "# Exercise "
+MARKER = "# Exercise. Hint: "
 
-# What each exercise is checked with, and what to read before writing it.
-CHECKS = {
-    "dense_forward": [checks.check_dense_forward],
-    "dense_backward": [checks.check_dense_backward],
-    "relu_backward": [checks.check_relu_backward],
-    "softmax_cross_entropy": [checks.check_softmax_cross_entropy],
-    "softmax_cross_entropy_backward": [checks.check_softmax_cross_entropy_backward],
-    "dropout_mask": [checks.check_dropout_mask],
-    "dropout_backward": [checks.check_dropout_backward],
-    "flatten_forward": [checks.check_flatten_order],
-    "maxpool2d_forward": [checks.check_maxpool_forward],
-    "maxpool2d_backward": [checks.check_maxpool_backward],
-    "im2col": [checks.check_im2col],
-    "conv2d_forward": [checks.check_conv2d_forward],
-    "conv2d_backward": [checks.check_conv2d_backward],
-    "glorot_uniform": [checks.check_initial_weights],
-    "Adam.update": [checks.check_adam],
-    "batchnorm_backward": [checks.check_batchnorm_forward, checks.check_batchnorm_backward],
-}
+# What to read before writing each exercise.
 READ = {
     "dense_forward": "the shape legend at the top of mnist_cnn_numpy.py, and "
-                     "dense_forward_naive (the definition, in loops)",
-    "dense_backward": "dense_backward_naive: which inputs each output touched",
-    "relu_backward": "relu_forward, and how Conv2D.backward calls relu_backward",
+                     "dense_naive (the definition, in loops)",
+    "dense_backward": "dense_naive: which inputs each output touched",
+    "relu_backward": "relu_forward, and Layer.activate_backward, which calls it",
     "softmax_cross_entropy": "softmax: why it subtracts each row's maximum",
     "softmax_cross_entropy_backward": "the docstring: why the gradient is just p - y, over N",
     "dropout_mask": "the docstring (inverted dropout), and Keras's Dropout(rate)",
     "dropout_backward": "dropout_forward",
-    "flatten_forward": "flatten_backward, and the README on Keras's channels-last order",
-    "maxpool2d_forward": "maxpool2d_forward_naive, and maxpool2d_backward's docstring on ties",
-    "maxpool2d_backward": "maxpool2d_backward_naive: the first maximum gets it all",
+    "flatten_forward": "flatten_backward, and why Keras's channels-last order matters to "
+                       "its weights",
+    "maxpool2d_forward": "maxpool2d_naive, and maxpool2d_backward's docstring on ties",
+    "maxpool2d_backward": "maxpool2d_naive: the first maximum gets it all",
     "im2col": "im2col_naive, and conv2d_forward's docstring (the trick)",
-    "conv2d_forward": "conv2d_forward_naive: the definition, in loops",
-    "conv2d_backward": "conv2d_backward_naive, and the docstring's chain rule",
-    "glorot_uniform": "common.initial_weights, and Keras's GlorotUniform",
+    "col2im": "im2col, whose transpose it is, and conv2d_naive's dx",
+    "conv2d_forward": "conv2d_naive: the definition, in loops",
+    "conv2d_backward": "conv2d_naive, and the docstring's chain rule",
     "Adam.update": "the Adam class docstring: Keras's update rule, step by step",
     "batchnorm_backward": "batchnorm_forward, and batchnorm_backward's docstring: why "
                           "dx has three terms",
+    "glorot_uniform": "common.initial_weights, and Keras's GlorotUniform",
 }
 
 
@@ -87,21 +77,37 @@ class Exercise:
     source: Path         # the file whose function is the solution
     node: ast.FunctionDef
 
+    @property
+    def checks(self):
+        return checks.checks_for(self.name)
+
+    @property
+    def module(self):
+        return SOURCES[self.source]
+
 
 def exercises():
-    """The marked functions of the twin (and common.py), in exercise order."""
+    """The marked functions, numbered in the order the files read."""
     found = []
     for path in SOURCES:
         lines = path.read_text().splitlines()
         for qualname, node in _functions(ast.parse("\n".join(lines))):
             first = lines[node.body[0].end_lineno].strip()       # the line after the docstring
             if first.startswith(MARKER):
-                number, hint = first[len(MARKER):].split(". Hint: ", 1)
-                found.append(Exercise(int(number), qualname, hint, path, node))
-    found.sort(key=lambda e: e.number)
-    assert [e.number for e in found] == list(range(1, len(found) + 1)), "exercise numbers"
-    assert {e.name for e in found} == set(CHECKS), "every exercise needs its checks"
+                found.append(Exercise(len(found) + 1, qualname, first[len(MARKER):],
+                                      path, node))
+    missing = [e.name for e in found if not e.checks or e.name not in READ]
+    assert not missing, f"exercises without checks or reading: {missing}"
     return found
+
+
+def markdown_table():
+    """The exercises as a Markdown table (the README's), from the same list."""
+    lines = ["| # | write | in | read first |", "| --- | --- | --- | --- |"]
+    for e in exercises():
+        where = e.source.relative_to(REPO).as_posix()
+        lines.append(f"| {e.number} | `{e.name}` | `{where}` | {READ[e.name]} |")
+    return "\n".join(lines)
 
 
 def _functions(tree):
@@ -121,17 +127,17 @@ def _functions(tree):
 
 HEADER = '''"""Your workbook: the NumPy twin's layer functions, to write yourself.
 
-Made by `python exercises.py start` from mnist_cnn_numpy.py and common.py.
-Each exercise keeps its docstring (shapes and formula) and says what to read
-first; write its body where the TODO is, then
+Made by `python exercises.py start` from mnist_cnn_numpy.py, batchnorm.py
+and helpers/common.py. Each exercise keeps its docstring (shapes, formula,
+what it returns) and says what to read first; write its body where the TODO
+is, then
 
     python exercises.py check        # checks your functions in order
     python exercises.py train        # when all pass: the real network, your functions
 
 The other functions are the twin's, as they are; your functions may call
 them (conv2d_forward calls im2col, for example). The solutions are the
-functions of the same names in mnist_cnn_numpy.py (glorot_uniform: in
-common.py). Try first.
+functions of the same names in those files. Try first.
 """
 
 import numpy as np
@@ -141,10 +147,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 def workbook_text(solutions=False):
     """The workbook's source: the twin's math functions (no naive
-    references), the Adam class and glorot_uniform; each exercise's body
-    replaced by a TODO unless solutions=True."""
+    references), the Adam class, batch normalization's pair and
+    glorot_uniform; each exercise's body replaced by a TODO unless
+    solutions=True."""
     todo = {e.name: e for e in exercises()}
-    wanted = {SOURCES[0]: _math_functions() | {"Adam"}, SOURCES[1]: {"glorot_uniform"}}
+    wanted = _workbook_parts()
     parts = [HEADER]
     for path in SOURCES:
         lines = path.read_text().splitlines()
@@ -164,15 +171,21 @@ def workbook_text(solutions=False):
     return "".join(parts)
 
 
-def _math_functions():
-    """The names of mnist_cnn_numpy.py's layer functions: those under its
-    banner "Model: the math", without the naive references."""
-    text = SOURCES[0].read_text()
+def _workbook_parts():
+    """{file: the names of its top-level functions and classes that go in
+    the workbook}: the lesson's math (under its banner "Model: the math")
+    and Adam, batchnorm.py's functions, and glorot_uniform; never a naive
+    reference."""
+    lesson, bn_path, common_path = SOURCES
+    text = lesson.read_text()
     first = text[:text.index("# Model: the math")].count("\n")
     last = text[:text.index("# Model: Keras-named layers")].count("\n")
-    return {node.name for node in ast.parse(text).body
-            if isinstance(node, ast.FunctionDef) and first < node.lineno < last
-            and not node.name.endswith("_naive")}
+    math = {node.name for node in ast.parse(text).body
+            if isinstance(node, ast.FunctionDef) and first < node.lineno < last}
+    bn = {node.name for node in ast.parse(bn_path.read_text()).body
+          if isinstance(node, ast.FunctionDef)}
+    wanted = {lesson: math | {"Adam"}, bn_path: bn, common_path: {"glorot_uniform"}}
+    return {path: {n for n in names if not n.endswith("_naive")} for path, names in wanted.items()}
 
 
 def _todo(exercise, total, indent):
@@ -194,7 +207,11 @@ def start(path, solutions=False):
         f.write(workbook_text(solutions).encode())
     print(f"Wrote {path}: {len(exercises())} exercises"
           + (" (with the twin's solutions)" if solutions else "") + ".")
-    print("Write the first one, then: python exercises.py check")
+    if solutions:
+        print(f"Every exercise is solved; check it: python exercises.py check --path {path}")
+    else:
+        print(f"Write the first one ({exercises()[0].name}), then: python exercises.py check"
+              + ("" if path.resolve() == DEFAULT_WORKBOOK else f" --path {path}"))
     return 0
 
 
@@ -252,8 +269,7 @@ def planted(module):
     imported modules only (the files are never touched)."""
     saved = []
     for e in exercises():
-        owner = common if e.source.name == "common.py" else nt
-        *classes, name = e.name.split(".")
+        owner, *classes, name = [e.module] + e.name.split(".")
         for part in classes:
             owner = getattr(owner, part)
         saved.append((owner, name, getattr(owner, name)))
@@ -294,7 +310,7 @@ def run_checks(path, only=None, say=print):
 
 
 def _check_one(e, path):
-    for check in CHECKS[e.name]:
+    for check in e.checks:
         try:
             with np.errstate(all="ignore"):          # the check reports overflow itself
                 check()
@@ -307,9 +323,21 @@ def _check_one(e, path):
                 return "not written yet"
             return (f"it needs {where}, which is not written yet (do the exercises in "
                     "order)")
+        except ValueError as error:
+            if "values to unpack" in str(error) and not _in_workbook(error, path):
+                return (f"it returns something other than the check expects ({error}): its "
+                        "docstring says what it returns (a pair (out, cache), for a forward "
+                        "function)")
+            return f"your code raised {_where(error, path)}"
         except Exception as error:
             return f"your code raised {_where(error, path)}"
     return None
+
+
+def _in_workbook(error, path):
+    """Did the exception come from the workbook's own lines?"""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve() == Path(path).resolve()
 
 
 def _check_whole_network(path):
@@ -384,9 +412,10 @@ def train(path, twin_args):
         raise common.UserError(f"{done} of {total} exercises pass so far: run `python "
                                "exercises.py check` and finish them first.")
     module = load_workbook(path)
-    print(f"Training the NumPy twin with your {total} functions from {path}.")
+    print(f"Training the NumPy twin with your {total} functions from {path}, on the "
+          "lesson's own code path (speedup.py's drop-ins would run instead of some of them).")
     with planted(module):
-        return nt.main(["--out", str(Path("results") / "workbook"), *twin_args])
+        return common.main(nt.TWIN, ["--out", str(Path("results") / "workbook"), *twin_args])
 
 
 def main(argv=None):

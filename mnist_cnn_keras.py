@@ -23,9 +23,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-import common
 import data_utils
-import own_digits
+from helpers import common
 
 keras, tf = common.import_keras()       # (with TensorFlow's start-up log lines hidden)
 
@@ -34,23 +33,25 @@ keras, tf = common.import_keras()       # (with TensorFlow's start-up log lines 
 # Data: the NumPy twin's batches, in its order
 # =============================================================================
 class SharedBatches(keras.utils.PyDataset):
-    """The training batches, in the order the NumPy twin visits them.
+    """The training batches, in the order the NumPy twin visits them: each
+    epoch's permutation comes from data_utils and the seed's stream, drawn
+    when the epoch starts (EpochClock, below, says when), as the NumPy twin
+    draws it."""
 
-    The permutation of every epoch comes from data_utils and the seed, drawn
-    up front; Keras asks for batch i of the current epoch, which EpochClock
-    (below) keeps up to date.
-    """
-
-    def __init__(self, x, y, batch_size, orders):
+    def __init__(self, x, y, batch_size, rng):
         super().__init__()
-        self.x, self.y, self.batch_size, self.orders = x, y, batch_size, orders
-        self.epoch = 0
+        self.x, self.y, self.batch_size, self.rng = x, y, batch_size, rng
+        self.epoch, self.order = 0, data_utils.epoch_order(len(x), rng)
+
+    def start_epoch(self, epoch):
+        if epoch != self.epoch:                        # epoch 0's order is drawn already
+            self.epoch, self.order = epoch, data_utils.epoch_order(len(self.x), self.rng)
 
     def __len__(self):
         return -(-len(self.x) // self.batch_size)      # the last batch may be smaller
 
     def __getitem__(self, i):
-        idx = self.orders[self.epoch][i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         return self.x[idx], self.y[idx]
 
 
@@ -135,7 +136,7 @@ class EpochClock(keras.callbacks.Callback):
         self.batches, self.seconds, self.diverged = batches, [], None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.batches.epoch = epoch
+        self.batches.start_epoch(epoch)
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -156,8 +157,7 @@ class EpochClock(keras.callbacks.Callback):
 def train(model, train_set, val_set, args):
     """model.fit on the batch order shared with the NumPy twin."""
     (x, y), rng = train_set, common.random_streams(args.seed)["batches"]
-    orders = [data_utils.epoch_order(len(x), rng) for _ in range(args.epochs)]
-    batches = SharedBatches(x, y, args.batch_size, orders)
+    batches = SharedBatches(x, y, args.batch_size, rng)
     clock = EpochClock(batches)
     fit = model.fit(batches, epochs=args.epochs, validation_data=val_set,
                     shuffle=False, callbacks=[clock],
@@ -194,66 +194,29 @@ def feature_maps(model, image):
 
 
 # =============================================================================
-# main: the same steps, files and printed lines as the NumPy twin
+# main: the steps, files and printed lines both twins share (common.main)
 # =============================================================================
-def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    out = common.prepare_out_dir(args.out)
-    spec = data_utils.DATASETS[args.dataset]
-    title = f"Keras twin, {spec['title']}"
-
+def start(args):
+    """The model for args, holding the shared starting weights for the seed.
+    Keras would draw its own; both twins start from the very same numbers."""
     # One seed for Keras's own randomness (dropout) and deterministic ops,
     # so that a run can be repeated exactly.
     keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
-
-    # Model: Keras would draw its own random starting weights; we set the
-    # shared ones instead, so both twins start from the very same numbers
-    # (or a weights file written by either twin, checked against this network).
     model = build_model(args.lr)
-    if args.load_weights:
-        set_weights(model, common.load_weights(args.load_weights, weight_shapes(model)))
-        if args.predict:                          # only classify the user's images
-            return own_digits.report(args.predict, lambda x: predict(model, x),
-                                     spec["classes"], out, "keras", title)
-    else:
-        set_weights(model, common.initial_weights(weight_shapes(model), args.seed))
+    set_weights(model, common.initial_weights(weight_shapes(model), args.seed))
+    return model
 
-    # Data: the same arrays, split and batches as the NumPy twin.
-    train_set, val_set, (x_test, y_test) = common.load_splits(args)
-    model.summary()
 
-    # Train
-    history, epoch_seconds = {}, []
-    if not args.eval_only:
-        print(f"Training on {len(train_set[0]):,} {spec['title']} images, "
-              f"validating on {len(val_set[0]):,}.")
-        history, epoch_seconds = train(model, train_set, val_set, args)
+TWIN = common.Twin(
+    name="keras", title="Keras twin", description=__doc__.splitlines()[0], build=start,
+    weight_shapes=weight_shapes, set_weights=set_weights, get_weights=get_weights,
+    train=train, evaluate=evaluate, predict=predict,
+    first_kernel=lambda model: model.layers[0].get_weights()[0], feature_maps=feature_maps)
 
-    # Evaluate
-    test_loss, test_accuracy, probs = evaluate(model, x_test, y_test)
 
-    # Report: the same files and the same last line as the NumPy twin.
-    report = common.make_report("keras", args, model.count_params(), len(train_set[0]),
-                                test_accuracy, test_loss, epoch_seconds, history)
-    # An evaluation alone gets its own file, so the training report stays.
-    written = [out / ("keras.eval.json" if args.eval_only else "keras.json")]
-    common.write_report(written[0], report)
-    if not args.eval_only:
-        written.append(out / "keras.weights.npz")
-        common.save_weights(written[-1], get_weights(model))
-    if not args.no_plots:
-        import plots
-        written += plots.all_figures("keras", out, report["history"], x_test,
-                                     y_test, probs, spec["classes"], title,
-                                     model.layers[0].get_weights()[0],
-                                     feature_maps(model, x_test[0]))
-    print("Wrote " + ", ".join(str(p) for p in written))
-    print(common.summary_line(report))
-    if args.predict:
-        return own_digits.report(args.predict, lambda x: predict(model, x),
-                                 spec["classes"], out, "keras", title)
-    return 0
+def main(argv=None):
+    return common.main(TWIN, argv)
 
 
 if __name__ == "__main__":

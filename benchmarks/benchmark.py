@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
+from helpers import common  # noqa: E402
 import data_utils  # noqa: E402
 import mnist_cnn_numpy  # noqa: E402
 
@@ -134,18 +134,21 @@ def child_environment(kernels):
     return env
 
 
-def run_twin(twin, args, out):
+def run_twin(twin, args, out, epochs=None, lesson_alone=False):
     """Train one twin in a child process; return its report, its peak memory
-    (MB) and its CPU seconds (user + system)."""
-    cmd = [sys.executable, str(REPO / f"mnist_cnn_{twin}.py"), "--epochs", str(args.epochs),
-           "--no-plots", "--seed", "0", "--out", str(out)]
+    (MB) and its CPU seconds (user + system). lesson_alone: the NumPy twin
+    without speedup.py's drop-ins (MNIST_TWINS_FAST=0)."""
+    cmd = [sys.executable, str(REPO / f"mnist_cnn_{twin}.py"), "--epochs",
+           str(epochs or args.epochs), "--no-plots", "--seed", "0", "--out", str(out)]
     if args.train_limit:
         cmd += ["--train-limit", str(args.train_limit)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     with open(out / f"{twin}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=child_environment(args.blas_kernels))
+        env = child_environment(args.blas_kernels)
+        if lesson_alone:
+            env["MNIST_TWINS_FAST"] = "0"
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         # wait4 gives the resource usage of this one child: its peak RSS (KiB)
         # and the CPU time it used.
         _, status, usage = os.wait4(proc.pid, 0)
@@ -165,6 +168,9 @@ def main(argv=None):
                    help="runs of each twin, alternating")
     p.add_argument("--epochs", type=common._positive(int), default=3,
                    help="epochs per run; the first is a warm-up")
+    p.add_argument("--lesson-rounds", type=int, default=1, metavar="N",
+                   help="runs of the NumPy twin's lesson alone (no speedup.py), 2 epochs "
+                        "each, after the rounds; 0: none")
     p.add_argument("--blas-kernels", default="as-set", metavar="KERNELS",
                    help="as-set, cpu, or a kernel name such as Haswell or SkylakeX")
     p.add_argument("--train-limit", type=common._positive(int), default=None, metavar="N")
@@ -201,6 +207,12 @@ def main(argv=None):
                 reports[twin] = report
             round_ratios.append(min(reports["numpy"]["epoch_seconds"][1:])
                                 / min(reports["keras"]["epoch_seconds"][1:]))
+        lesson = []
+        for r in range(args.lesson_rounds):
+            print(f"Lesson alone {r + 1}/{args.lesson_rounds}: numpy twin without "
+                  "speedup.py, 2 epochs...", flush=True)
+            report, _, _ = run_twin("numpy", args, Path(tmp), epochs=2, lesson_alone=True)
+            lesson += report["epoch_seconds"][1:]
 
     peak = max(matmul.values())
     images = reports["numpy"]["train_images"]
@@ -234,6 +246,10 @@ def main(argv=None):
     results["ratio_fastest_per_round"] = round_ratios
     results["numpy_gflops_per_epoch"] = achieved
     results["numpy_fraction_of_matmul_peak"] = achieved / peak
+    if lesson:
+        results["numpy_lesson_alone"] = {"fastest_epoch_seconds": min(lesson),
+                                         "epoch_seconds": lesson}
+        results["speedup_buys"] = min(lesson) / n["fastest_epoch_seconds"]
 
     print(f"\n{'':<28} {'Keras':>10} {'NumPy':>10}")
     for label, key, fmt in (("Fastest epoch (s)", "fastest_epoch_seconds", "{:>10.2f}"),
@@ -261,6 +277,9 @@ def main(argv=None):
           ", ".join(f"{name} {g:.0f} GFLOP/s" for name, g in matmul.items()))
     print(f"NumPy twin over its fastest epoch: {achieved:.0f} GFLOP/s = "
           f"{100 * achieved / peak:.1f}% of the best matmul rate")
+    if lesson:
+        print(f"The lesson alone (MNIST_TWINS_FAST=0): fastest epoch {min(lesson):.2f} s; "
+              f"speedup.py makes it {results['speedup_buys']:.2f}x faster")
     path = out / "benchmark.json"
     common.write_report(path, results)
     print(f"Wrote {path}")

@@ -17,7 +17,6 @@ step (the sum of its rows). benchmarks/README.md explains the big gaps.
 """
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
+from helpers import common  # noqa: E402
 import data_utils  # noqa: E402
 import mnist_cnn_numpy as nt  # noqa: E402
 import speedup  # noqa: E402
@@ -46,37 +45,30 @@ def fastest(fn, repeats):
 
 def numpy_times(x, y, repeats):
     """{(layer, "forward"/"backward"): ms} for the NumPy twin, as it trains:
-    each layer runs on the batch's slices, on one thread per core."""
-    model = nt.build_model(seed=0)
-    parts = speedup.slices(len(x), model.threads)
-    copies = [[copy.copy(layer) for layer in model.layers] for _ in parts]
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer, nt.Dropout):
-            mask = layer.draw_mask((len(x),) + layer.input_shape)
-            for layers, rows in zip(copies, parts):
-                layers[i].fixed = mask[rows]
+    each layer's fast copy (speedup.fast_copies) runs on the batch's slices,
+    on one thread per core."""
+    model, threads = nt.build_model(seed=0), speedup.cores()
+    parts = speedup.slices(len(x), threads)
+    copies, _ = speedup.fast_copies(model.layers, parts, training=True, x=x)
     inputs = [[x[rows]] for rows in parts]          # inputs[s][i]: layer i's input, slice s
     for i in range(len(model.layers)):
         for s, layers in enumerate(copies):
-            _feed_mask(layers[i])
             inputs[s].append(layers[i].forward(inputs[s][i].copy(), training=True))
     times = {}
 
     def run(work):
-        return speedup._run(work, copies, parts, model.threads)
+        return speedup._run(work, copies, parts, threads)
 
     douts = []
     for s, rows in enumerate(parts):
         _, probs = nt.softmax_cross_entropy(inputs[s][-1], y[rows])
-        douts.append([nt.softmax_cross_entropy_backward(probs, y[rows], len(x))])
+        douts.append([nt.softmax_cross_entropy_backward(probs, y[rows])])
     for i in reversed(range(len(model.layers))):       # the gradients each layer receives
         for s, layers in enumerate(copies):
             douts[s].insert(0, layers[i].backward(douts[s][0].copy()))
     for i, layer in enumerate(model.layers):
         def forward(layers, rows, i=i):
-            s = parts.index(rows)
-            _feed_mask(layers[i])
-            return layers[i].forward(inputs[s][i].copy(), training=True)
+            return layers[i].forward(inputs[parts.index(rows)][i].copy(), training=True)
 
         def backward(layers, rows, i=i):
             return layers[i].backward(douts[parts.index(rows)][i + 1].copy())
@@ -90,20 +82,17 @@ def numpy_times(x, y, repeats):
         repeats)
     times[("loss", "backward")] = fastest(lambda: run(
         lambda layers, rows: nt.softmax_cross_entropy_backward(
-            nt.softmax(inputs[parts.index(rows)][-1]), y[rows], len(x))), repeats)
+            nt.softmax(inputs[parts.index(rows)][-1]), y[rows])), repeats)
     optimizer = nt.Adam()
-    nt.train_step(model, optimizer, x, y)
-    times[("Adam", "step")] = fastest(lambda: optimizer.update(model.trainable_weights()),
-                                      repeats)
-    times[("whole step", "")] = fastest(lambda: nt.train_step(model, optimizer, x, y), repeats)
-    x_eval = np.concatenate([x, x])
-    times[("evaluate 256", "")] = fastest(lambda: nt.logits(model, x_eval), repeats)
+    with speedup.switched_on(nt):
+        nt.train_step(model, optimizer, x, y)
+        times[("Adam", "step")] = fastest(lambda: optimizer.update(model.trainable_weights()),
+                                          repeats)
+        times[("whole step", "")] = fastest(lambda: nt.train_step(model, optimizer, x, y),
+                                            repeats)
+        x_eval = np.concatenate([x, x])
+        times[("evaluate 256", "")] = fastest(lambda: nt.logits(model, x_eval), repeats)
     return times
-
-
-def _feed_mask(layer):
-    if isinstance(layer, nt.Dropout):
-        layer.batch_mask = layer.fixed
 
 
 def fastest_after(setup, fn, repeats):
@@ -210,7 +199,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     (x, y), _ = data_utils.load_dataset("mnist", args.data_dir, progress=False)
     x, y = x[:128], y[:128]
-    speedup.keep_freed_memory()                 # as training does
+    speedup.keep_freed_memory()                 # as training does (switched_on)
     from threadpoolctl import threadpool_info
     kernels = ", ".join(f"{lib['internal_api']} {lib.get('architecture')}"
                         for lib in threadpool_info() if lib["user_api"] == "blas")

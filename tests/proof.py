@@ -9,8 +9,9 @@ where the twins part.
 
 import numpy as np
 
-import common
 import compare
+from helpers import common
+from helpers.checks import rel_error as max_rel_diff
 
 # Tolerances, and why:
 # forward, float32 1e-5: float32 has 7 significant digits; two correct
@@ -112,11 +113,6 @@ def twins(kt, nt, dtype, tmp_path, seed=0, dropout=0.5):
     return keras_model, numpy_model
 
 
-def max_rel_diff(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
-
-
 def describe(diffs):
     """A table of the worst tensors, for failure messages."""
     return "\n".join(f"  {name:<22} max rel diff {d:.2e}   first pairs (numpy, keras): {pairs}"
@@ -130,24 +126,77 @@ def keras_gradients(keras_model, grads):
             for layer in keras_model.layers for w in layer.trainable_weights}
 
 
+def keras_loss_and_grads(model, x, y, masks=None):
+    """Keras's loss (mean cross-entropy), probabilities and gradients for one
+    batch, in the model's dtype, run as a TensorFlow graph as in model.fit.
+
+    masks=None: inference, dropout off. masks={"dropout": array (N, units),
+    ...}: training mode, with these dropout masks instead of ones Keras
+    draws itself: at each Dropout layer the activations are multiplied by its
+    mask, which is what keras.layers.Dropout does with the mask it draws (0
+    for a dropped unit, 1 / (1 - rate) for a kept one). That lets both twins
+    use the same mask; masks={} is training mode for a network whose dropout
+    rate is 0. In training mode BatchNormalization uses the batch's
+    statistics; the moving statistics it updates on the way are put back, so
+    that only a training step moves them.
+    """
+    import tensorflow as tf
+
+    if not hasattr(model, "_loss_and_grads"):
+        @tf.function
+        def loss_and_grads(x, y, masks, training):
+            with tf.GradientTape() as tape:
+                out = x
+                for layer in model.layers:
+                    if layer.name in masks:
+                        out = out * masks[layer.name]
+                    else:
+                        out = layer(out, training=training)
+                loss = model.loss(y, out)
+            return out, loss, tape.gradient(loss, model.trainable_variables)
+        model._loss_and_grads = loss_and_grads
+    kept = [(v, v.numpy()) for v in model.non_trainable_variables]
+    probs, loss, grads = model._loss_and_grads(x, y, masks or {}, masks is not None)
+    for variable, value in kept:
+        variable.assign(value)
+    return probs.numpy(), float(loss), [g.numpy() for g in grads]
+
+
+def keras_state(model):
+    """The weights a model keeps but does not learn (BatchNormalization's
+    moving statistics), as {"bn1/moving_mean": array, ...}."""
+    return {f"{layer.name}/{w.name}": w.numpy() for layer in model.layers
+            for w in layer.non_trainable_weights}
+
+
+def numpy_state(model):
+    return {f"{layer.name}/{part}": getattr(layer, part).copy()
+            for layer in model.layers for part in layer.state}
+
+
 def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype,
                                 dropout=False):
     """Probabilities, loss and every gradient of one batch.
 
     dropout=False: for twins built with dropout 0. dropout=True: in training
-    mode, with one mask per Dropout layer drawn by the NumPy twin and used by
-    both (compare.keras_loss_and_grads says how Keras takes it)."""
+    mode, with the masks the NumPy twin's Dropout layers draw (each layer's
+    random stream restarted from a known seed, so the same mask can be drawn
+    once more for Keras; keras_loss_and_grads says how Keras takes it)."""
     masks = None
     if dropout:
-        masks = {layer.name: layer.draw_mask((len(x),) + layer.input_shape)
-                 for layer in numpy_model.layers if isinstance(layer, nt.Dropout)}
+        masks = {}
+        for layer in numpy_model.layers:
+            if isinstance(layer, nt.Dropout):
+                masks[layer.name] = nt.dropout_mask((len(x),) + layer.input_shape, layer.rate,
+                                                    np.random.default_rng(99), dtype)
+                layer.rng = np.random.default_rng(99)        # it draws that same mask
         assert masks and all(np.any(m == 0) for m in masks.values())   # some units dropped
+    probs, loss, grads = keras_loss_and_grads(keras_model, x, y, masks if dropout else {})
+    n_loss, n_probs = nt.loss_and_grads(numpy_model.layers, x, y)
+    if dropout:
         for layer in numpy_model.layers:
             if layer.name in masks:
-                layer.batch_mask = masks[layer.name]
-    probs, loss, grads = compare.keras_loss_and_grads(keras_model, x, y,
-                                                      masks if dropout else {})
-    n_loss, n_probs = nt.loss_and_grads(numpy_model.layers, x, y, len(x))
+                assert np.array_equal(layer.mask, masks[layer.name])
     bn = _bn_float32(numpy_model, dtype)
     forward_tol = BN_FLOAT32_TOL["forward"] if bn else FORWARD_TOL[dtype]
     assert np.max(np.abs(n_probs - probs)) < forward_tol
@@ -170,16 +219,18 @@ def lockstep_agrees(kt, nt, keras_model, numpy_model, x, y, dtype, steps=20):
     the loss before every update and after the last, the kept weights
     (BatchNormalization's moving statistics) after every step, and the final
     weights."""
-    states = []
-    losses = compare.lockstep(keras_model, numpy_model, x, y, steps=steps,
-                              batch_size=64, seed=0, states=states)
-    bn = _bn_float32(numpy_model, dtype)
-    for step, (k_state, n_state) in enumerate(states, start=1):
+    losses, bn = [], _bn_float32(numpy_model, dtype)
+    for pair in compare.lockstep(keras_model, numpy_model, x, y, steps=steps, batch_size=64,
+                                 seed=0):
+        losses.append(pair)
+        if len(losses) > steps:
+            break                                    # the last pair: after the last update
+        k_state, n_state = keras_state(keras_model), numpy_state(numpy_model)
         assert set(k_state) == set(n_state)
         diffs = [(key, max_rel_diff(n_state[key], k_state[key]), []) for key in k_state]
         tol = BN_FLOAT32_TOL["state"] if bn else STATE_TOL[dtype]
         assert not diffs or max(d for _, d, _ in diffs) < tol, \
-            f"moving statistics differ after step {step}:\n" + describe(diffs)
+            f"moving statistics differ after step {len(losses)}:\n" + describe(diffs)
     assert len(losses) == steps + 1
     loss_tol, weight_tol = LOCKSTEP_TOL[dtype]
     if bn:

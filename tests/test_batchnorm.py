@@ -7,27 +7,27 @@ batch give the batch's statistics; the twins train and exchange weights.
 (checks.py checks batchnorm_forward and batchnorm_backward themselves.)
 """
 
-import shutil
-
 import numpy as np
 import pytest
 
 import proof
 import speedup
-from conftest import REPO
-from test_change_the_network import TWINS, load_twins, train_and_exchange
+from test_change_the_network import TWINS, copy_repo, load_twins, train_and_exchange
 
-# README, "Change the network": a BatchNormalization line after conv1 and after dense1.
+# README, "Adding batch normalization": the import, and a BatchNormalization
+# line after conv1 and after dense1.
+IMPORT = ("from helpers import common", "from batchnorm import BatchNormalization")
 AFTER = ['Conv2D(32, 3, activation="relu", name="conv1"),',
          'Dense(128, activation="relu", name="dense1"),']
 NEW = ['BatchNormalization(name="bn1"),', 'BatchNormalization(name="bn2"),']
 
 
 def add_batchnorm(folder):
-    for path in REPO.glob("*.py"):
-        shutil.copy(path, folder)
+    copy_repo(folder)
     for twin, prefix in (("keras", "layers."), ("numpy", "")):
         lines = (folder / TWINS[twin]).read_text().splitlines()
+        if twin == "numpy":
+            lines.insert(lines.index(IMPORT[0]) + 1, IMPORT[1])
         for after, new in zip(AFTER, NEW):
             (i,) = [k for k, line in enumerate(lines) if after in line]
             indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
@@ -73,8 +73,8 @@ def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist_head):
     x, y = mnist_head[0][:64], mnist_head[1][:64]
     single, exact = en.build_model(dropout=0.0), en.build_model(dropout=0.0, dtype="float64")
     exact.set_weights({k: v.astype("float64") for k, v in single.get_weights().items()})
-    loss32, probs32 = en.loss_and_grads(single.layers, x, y, len(x))
-    loss64, probs64 = en.loss_and_grads(exact.layers, x.astype("float64"), y, len(x))
+    loss32, probs32 = en.loss_and_grads(single.layers, x, y)
+    loss64, probs64 = en.loss_and_grads(exact.layers, x.astype("float64"), y)
     assert np.max(np.abs(probs32 - probs64)) < proof.FORWARD_TOL["float32"]
     assert abs(float(loss32) - float(loss64)) < proof.FORWARD_TOL["float32"]
     grads64 = {k: g for k, _, g in exact.trainable_weights()}
@@ -83,14 +83,13 @@ def test_numpy_float32_against_exact_arithmetic(twins_with_bn, mnist_head):
 
 
 def test_slices_give_the_batch_statistics(twins_with_bn, mnist_head, monkeypatch):
-    """1, 2 and 3 slices on threads: the same loss, gradients and moving
-    statistics, with dropout on (float64; 1e-11 relative: the batch's
-    statistics are the slices' sums added up, in another order than one
-    sum; measured 5e-13)."""
+    """The edited twin with the fast path: 1, 2 and 3 slices on threads give
+    the lesson's loss, gradients and moving statistics on the whole batch,
+    with dropout on (float64; 1e-11 relative: the batch's statistics are the
+    slices' sums added up, in another order than one sum; measured 5e-13)."""
     _, en = twins_with_bn
     n = 3 * speedup.MIN_SLICE + 5
     x, y = mnist_head[0][:n].astype("float64"), mnist_head[1][:n]
-    results = []
     run = speedup._run
 
     def one_slice_per_thread(work, copies, parts, threads):
@@ -100,20 +99,18 @@ def test_slices_give_the_batch_statistics(twins_with_bn, mnist_head, monkeypatch
         return run(work, copies, parts, threads)
 
     monkeypatch.setattr(speedup, "_run", one_slice_per_thread)
-    monkeypatch.setattr(speedup, "SLICE", speedup.MIN_SLICE)   # a plain model: 3 slices
+    lesson = en.build_model(seed=5, dtype="float64")
+    loss, probs = en.loss_and_grads(lesson.layers, x, y)
     for threads in (1, 2, 3):
         model = en.build_model(seed=5, dtype="float64")
-        model.threads = threads
-        loss, probs = speedup.train_in_slices(model, en.loss_and_grads, x, y)
-        results.append((loss, probs, {k: g.copy() for k, _, g in model.trainable_weights()},
-                        model.get_weights()))
-    for loss, probs, grads, weights in results[1:]:
-        assert abs(loss - results[0][0]) < 1e-11
-        assert proof.max_rel_diff(probs, results[0][1]) < 1e-11
-        for key in grads:
-            assert proof.max_rel_diff(grads[key], results[0][2][key]) < 1e-11, key
-        for key in weights:                              # moving statistics included
-            assert proof.max_rel_diff(weights[key], results[0][3][key]) < 1e-11, key
+        got_loss, got_probs = speedup.train_in_slices(en, model.layers, x, y, threads)
+        assert abs(got_loss - loss) < 1e-11
+        assert proof.max_rel_diff(got_probs, probs) < 1e-11
+        want = {k: g for k, _, g in lesson.trainable_weights()}
+        for key, _, g in model.trainable_weights():
+            assert proof.max_rel_diff(g, want[key]) < 1e-11, key
+        for key, value in lesson.get_weights().items():     # moving statistics included
+            assert proof.max_rel_diff(model.get_weights()[key], value) < 1e-11, key
 
 
 def test_twins_with_batchnorm_train_and_exchange_weights(folder, real_data_dir, tmp_path):

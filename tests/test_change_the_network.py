@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-import common
+from helpers import common
 import mnist_cnn_keras as kt
 import mnist_cnn_numpy as nt
 import proof
@@ -26,10 +26,18 @@ EDITS = [("Conv2D(32,", "Conv2D(16,"), ("Dense(128,", "Dense(64,")]
 TWINS = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
 
 
-def copy_with_edits(folder, edit):
-    """The repo's scripts in folder, with the EDITS made in the twins named."""
+def copy_repo(folder):
+    """The repo's scripts and helpers in folder, as a learner's copy."""
     for path in REPO.glob("*.py"):
         shutil.copy(path, folder)
+    shutil.copytree(REPO / "helpers", folder / "helpers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def copy_with_edits(folder, edit):
+    """The repo's scripts in folder, with the EDITS made in the twins named."""
+    copy_repo(folder)
     for twin in edit:
         text = (folder / TWINS[twin]).read_text()
         for old, new in EDITS:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
+from helpers import common
 import data_utils
 import draw
 import mnist_cnn_numpy as nt

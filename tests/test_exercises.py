@@ -12,6 +12,7 @@ import pytest
 import bug_gallery
 import exercises
 from conftest import REPO
+from helpers import checks
 
 
 def run(*args, cwd=REPO, **env):
@@ -70,7 +71,16 @@ def test_the_twins_functions_pass_every_exercise(solved):
     assert sum("passed" in line for line in lines) == total
 
 
-@pytest.mark.parametrize("m", bug_gallery.MISTAKES, ids=lambda m: m.variant.__name__)
+IN_EXERCISES = [m for m in bug_gallery.MISTAKES
+                if m.name in {e.name for e in exercises.exercises()}]
+
+
+def test_every_lesson_mistake_is_an_exercise_mistake():
+    assert {m.name for m in IN_EXERCISES} == {m.name for m in bug_gallery.MISTAKES
+                                              if not m.name.startswith("speedup.")}
+
+
+@pytest.mark.parametrize("m", IN_EXERCISES, ids=lambda m: m.variant.__name__)
 def test_each_gallery_mistake_fails_its_exercise(solved, m):
     """The mistake pasted into a workbook: the checker stops at the exercise
     whose check catches it (its own, but for a max-pool winner chosen in the
@@ -80,16 +90,39 @@ def test_each_gallery_mistake_fails_its_exercise(solved, m):
     assert failure is not None, "not caught"
     exercise, message = failure
     expected = next(e for e in exercises.exercises()
-                    if m.caught_by in {c.__name__.removeprefix("check_")
-                                       for c in exercises.CHECKS[e.name]})
+                    if m.caught_by in {checks.name(c) for c in e.checks})
     assert exercise.name == expected.name and m.says in message, message
     assert done == expected.number - 1
 
 
+def test_the_first_exercise_is_the_first_in_the_lesson_and_says_what_it_returns(tmp_path):
+    """Exercise 1 is the first marked function of mnist_cnn_numpy.py, the
+    exercises follow the file's order, and no signature has a parameter
+    that exists only for speed."""
+    found = exercises.exercises()
+    lesson = [e for e in found if e.source.name == "mnist_cnn_numpy.py"]
+    assert found[0] is lesson[0] and [e.node.lineno for e in lesson] == \
+        sorted(e.node.lineno for e in lesson)
+    path = tmp_path / "workbook.py"
+    exercises.start(path)
+    text = path.read_text()
+    first = text[text.index(f"def {found[0].name}("):]
+    assert "cache" in first[:first.index("TODO")]
+    for word in ("in_place", "need_dx", "batch_size", "total", "batch_mask"):
+        assert word not in text, word
+
+
+def test_a_natural_first_answer_is_told_what_to_return(solved):
+    exercises.replace_function(solved, "dense_forward",
+                               "def dense_forward(x, kernel, bias):\n"
+                               "    return x @ kernel + bias\n")
+    _, _, (exercise, message) = exercises.run_checks(solved, say=lambda text: None)
+    assert exercise.name == "dense_forward" and "(out, cache)" in message
+
+
 def test_a_workbook_that_does_not_import_gets_one_message(solved):
     text = solved.read_text()
-    solved.write_text(text.replace("def relu_forward(z, in_place=False):",
-                                   "def relu_forward(z, in_place=False)", 1))
+    solved.write_text(text.replace("def relu_forward(z):", "def relu_forward(z)", 1))
     proc = run("check", "--path", solved)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"Error: {solved}, line ") and "expected ':'" in proc.stderr

@@ -1,36 +1,21 @@
-"""The NumPy twin beyond its layer functions: details of max-pool ties,
-in-place ReLU, the first layer's skipped dx, threads, Adam's first step and
-the model built from its declaration. The layer functions themselves are
-checked in checks.py (run by tests/test_checks.py)."""
+"""The NumPy twin beyond its layer functions: max-pool ties, Adam's first
+step, the model built from its declaration, what the lesson imports, and
+the fast path switched on and off. The layer functions and every speed-up
+are checked in helpers/checks.py (run by tests/test_checks.py)."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import mnist_cnn_numpy as nn
 import speedup
+from conftest import REPO
+from helpers.checks import rel_error
 
 RNG = np.random.default_rng(1234)
-
-
-def rel_error(a, b):
-    """max |a - b|, relative to the largest magnitude in a and b."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300))
-
-
-# The checks of every layer function against its naive reference and
-# against finite differences are in checks.py (tests/test_checks.py runs
-# them); here are the details they do not cover.
-
-def test_conv2d_backward_can_skip_dx():
-    """The first layer needs no dx: need_dx=False gives the same dkernel."""
-    x = RNG.normal(size=(2, 7, 6, 3))
-    kernel, bias = RNG.normal(size=(3, 3, 3, 4)), RNG.normal(size=4)
-    out, cache = nn.conv2d_forward(x, kernel, bias)
-    dout = RNG.normal(size=out.shape)
-    dx, dkernel, dbias = nn.conv2d_backward(dout, cache, need_dx=False)
-    full = nn.conv2d_backward(dout, cache)
-    assert dx is None and np.array_equal(dkernel, full[1]) and np.array_equal(dbias, full[2])
 
 
 def test_maxpool_ties_go_to_the_first_maximum():
@@ -39,7 +24,7 @@ def test_maxpool_ties_go_to_the_first_maximum():
     out, cache = nn.maxpool2d_forward(x)
     dout = RNG.normal(size=out.shape)
     dx = nn.maxpool2d_backward(dout, cache)
-    assert np.array_equal(dx, nn.maxpool2d_backward_naive(dout, x))
+    assert np.array_equal(dx, nn.maxpool2d_naive(x, dout)[1])
     # Exactly one position per window receives the gradient.
     nonzero = (dx != 0).reshape(3, 3, 2, 3, 2, 4).sum(axis=(2, 4))
     assert nonzero.max() == 1
@@ -49,41 +34,15 @@ def test_maxpool_ties_go_to_the_first_maximum():
     assert dx[0, :, :, 0].tolist() == [[5.0, 0.0], [0.0, 0.0]]
 
 
-def test_relu_in_place_gives_the_same_numbers():
-    z, dout = RNG.normal(size=(4, 6)), RNG.normal(size=(4, 6))
-    out, cache = nn.relu_forward(z)
-    z2, dout2 = z.copy(), dout.copy()
-    out2, _ = nn.relu_forward(z2, in_place=True)
-    assert out2 is z2 and np.array_equal(out2, out)
-    back2 = nn.relu_backward(dout2, cache, in_place=True)
-    assert back2 is dout2 and np.array_equal(back2, nn.relu_backward(dout, cache))
-
-
-def test_threads_change_nothing_but_rounding(monkeypatch):
-    """A batch cut into slices on threads gives the loss, probabilities and
-    gradients of the whole batch at once, with the same dropout masks: in
-    float64 equal to rounding, whatever the number of threads and slices."""
-    x = RNG.random((3 * speedup.MIN_SLICE + 5, 28, 28, 1))              # 53 examples
-    y = RNG.integers(0, 10, len(x))
-    results = []
-    # (threads, slice size) -> slices: (1, 53) -> 1; (1, 26) -> 2 one after
-    # the other; (2, 16) -> 3 on 2 threads; (3, 32) -> 3 at once.
-    for threads, size, count in [(1, 53, 1), (1, 26, 2), (2, 16, 3), (3, 32, 3)]:
-        monkeypatch.setattr(speedup, "SLICE", size)
-        assert len(speedup.slices(len(x), threads)) == count
-        model = nn.build_model(seed=5, dtype="float64")              # dropout on
-        model.threads = threads
-        loss, probs = speedup.train_in_slices(model, nn.loss_and_grads, x, y)
-        grads = [g for _, _, g in model.trainable_weights()]
-        results.append((loss, probs, grads, nn.logits(model, x)))
-    for loss, probs, grads, logits in results[1:]:
-        assert abs(loss - results[0][0]) < 1e-13
-        assert rel_error(probs, results[0][1]) < 1e-13
-        assert rel_error(logits, results[0][3]) < 1e-13
-        for got, want in zip(grads, results[0][2]):
-            assert rel_error(got, want) < 1e-12
-    # Small batches are not split: one slice.
-    assert speedup.slices(speedup.MIN_SLICE, 4) == [slice(0, speedup.MIN_SLICE)]
+def test_maxpool_takes_other_window_sizes():
+    """The lesson's max-pool, like Keras's, takes any pool_size (the fast
+    drop-in only 2, and the layer falls back to the lesson's for others)."""
+    x = RNG.normal(size=(2, 7, 9, 3))
+    dout = RNG.normal(size=(2, 2, 3, 3))
+    out, cache = nn.maxpool2d_forward(x, 3)
+    want_out, want_dx = nn.maxpool2d_naive(x, dout, 3)
+    assert np.array_equal(out, want_out)
+    assert np.array_equal(nn.maxpool2d_backward(dout, cache), want_dx)
 
 
 # --- Adam --------------------------------------------------------------------
@@ -125,7 +84,7 @@ def test_model_builds_from_its_declaration():
         assert layer.input_shape == out.shape[1:]
         out = layer.forward(out)
         assert out.shape == (2,) + layer.output_shape and out.dtype == np.float32
-    nn.loss_and_grads(model.layers, x, np.array([0, 1]), 2)
+    nn.loss_and_grads(model.layers, x, np.array([0, 1]))
     for key, w, g in model.trainable_weights():
         assert g.shape == w.shape and g.dtype == np.float32, key
 
@@ -164,3 +123,76 @@ def test_predict_and_evaluate_in_batches():
     pieces = nn.evaluate(model, x, y, batch_size=7)
     assert abs(whole[0] - pieces[0]) < 1e-5 and whole[1] == pieces[1]
     assert np.allclose(nn.predict(model, x, batch_size=4), whole[2], atol=1e-6)
+
+
+# --- The lesson alone, and the fast path switched on ---------------------------
+
+def test_the_lesson_imports_with_numpy_and_requests_only():
+    """mnist_cnn_numpy imports nothing but the standard library, NumPy,
+    requests (through data_utils) and the repo's own modules: run in a
+    Python where every other installed package refuses to import."""
+    code = (
+        "import sys, importlib.abc\n"
+        "ALLOWED = {'numpy', 'requests', 'urllib3', 'idna', 'certifi', 'charset_normalizer',"
+        " 'mnist_cnn_numpy', 'data_utils', 'helpers'}\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        top = name.split('.')[0]\n"
+        "        if top in sys.stdlib_module_names or top in ALLOWED or top.startswith('_'):\n"
+        "            return None\n"
+        "        raise ImportError(f'the lesson imported {name}')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import mnist_cnn_numpy as nt\n"
+        "model = nt.build_model()\n"
+        "import numpy as np\n"
+        "print(nt.loss_and_grads(model.layers, np.zeros((2, 28, 28, 1), np.float32),"
+        " np.array([1, 2]))[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert abs(float(proc.stdout) - np.log(10)) < 1e-5           # ten equal probabilities
+
+
+def test_switched_on_replaces_two_functions_and_puts_them_back():
+    lesson = (nn.loss_and_grads, nn.logits, nn.forward)
+    with speedup.switched_on(nn):
+        assert nn.loss_and_grads is not lesson[0] and nn.logits is not lesson[1]
+        assert nn.forward is lesson[2]
+        assert speedup.lesson_function(nn, "loss_and_grads") is lesson[0]
+    assert (nn.loss_and_grads, nn.logits, nn.forward) == lesson
+
+
+def test_training_steps_agree_with_the_fast_path_on_and_off():
+    """Five Adam steps of the lesson alone and of the fast path, from the
+    same start on the same batches, dropout on (float64): the same weights."""
+    x, y = RNG.random((5 * 40, 28, 28, 1)), RNG.integers(0, 10, 5 * 40)
+    models = []
+    for fast in (False, True):
+        model, optimizer = nn.build_model(seed=2, dtype="float64"), nn.Adam()
+        if fast:
+            with speedup.switched_on(nn):
+                for i in range(5):
+                    nn.train_step(model, optimizer, x[40 * i:40 * i + 40], y[40 * i:40 * i + 40])
+        else:
+            for i in range(5):
+                nn.train_step(model, optimizer, x[40 * i:40 * i + 40], y[40 * i:40 * i + 40])
+        models.append(model.get_weights())
+    for key in models[0]:
+        assert rel_error(models[1][key], models[0][key]) < 1e-10, key
+
+
+def test_fast_path_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("MNIST_TWINS_FAST", "0")
+    lesson = nn.loss_and_grads
+    with speedup.switched_on(nn):
+        assert nn.loss_and_grads is lesson
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_the_twin_trains_with_the_fast_path_on_and_off(real_data_dir, tmp_path, fast):
+    env = dict(os.environ, MNIST_DATA_DIR=str(real_data_dir), MNIST_TWINS_FAST=fast)
+    proc = subprocess.run([sys.executable, "mnist_cnn_numpy.py", "--train-limit", "256",
+                           "--epochs", "1", "--no-plots", "--out", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Test accuracy: " in proc.stdout

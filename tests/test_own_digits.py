@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
+from helpers import common
 import data_utils
 import mnist_cnn_numpy as nt
-import own_digits
+from helpers import own_digits
 from conftest import REPO
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-import common
+from helpers import common
 import mnist_cnn_numpy as nt
 from conftest import REPO
 

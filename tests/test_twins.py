@@ -11,7 +11,7 @@ tensor by tensor, where the twins part.
 import numpy as np
 import pytest
 
-import common
+from helpers import common
 import data_utils
 import mnist_cnn_keras as kt
 import mnist_cnn_numpy as nt
@@ -66,7 +66,7 @@ def test_cross_evaluation(mnist, tmp_path):
     (x, y), (x_test, y_test) = mnist
     keras_model, numpy_model = proof.twins(kt, nt, "float32", tmp_path)
     import compare
-    compare.lockstep(keras_model, numpy_model, x, y, steps=60, batch_size=64, seed=1)
+    list(compare.lockstep(keras_model, numpy_model, x, y, steps=60, batch_size=64, seed=1))
     for trained in (kt.get_weights(keras_model), numpy_model.get_weights()):
         path = tmp_path / "trained.weights.npz"
         common.save_weights(path, trained)

@@ -1,13 +1,14 @@
 """What both twins share besides the data: the command line, the starting
-weights, the weights file, the report, and how errors reach the user.
+weights, the weights file, the report, the training log, the one main both
+twins run, and how errors reach the user.
 
 Keeping these in one place is what makes the twins twins: the same flags,
-the same initial weights for the same seed, the same files written. Nothing
-here knows the network's shape: each twin declares its layers once, in its
-own build_model, and passes its weights' shapes in ({"conv1/kernel": (3, 3,
-1, 32), ...}), so a learner who edits a layer changes it everywhere.
-This module needs only NumPy; import_keras imports TensorFlow only when a
-caller asks for it.
+the same initial weights for the same seed, the same files written, the
+same printed lines. Nothing here knows the network's shape: each twin
+declares its layers once, in its own build_model, and passes its weights'
+shapes in ({"conv1/kernel": (3, 3, 1, 32), ...}), so a learner who edits a
+layer changes it everywhere. Needs NumPy and data_utils (NumPy and
+requests); import_keras imports TensorFlow only when a twin asks for it.
 """
 
 import argparse
@@ -18,11 +19,14 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import data_utils
+from helpers.progress import ProgressBar
 
 
 class UserError(Exception):
@@ -124,7 +128,7 @@ def glorot_uniform(rng, shape, dtype=np.float32):
     limit = sqrt(6 / (fan_in + fan_out)). For a conv kernel (kh, kw, C, F)
     fan_in = kh*kw*C and fan_out = kh*kw*F; for a dense kernel (in, out)
     they are in and out."""
-    # Exercise 14. Hint: both fans count the K*K positions of a conv kernel.
+    # Exercise. Hint: both fans count the K*K positions of a conv kernel.
     receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
     fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
     limit = np.sqrt(6.0 / (fan_in + fan_out))
@@ -300,31 +304,55 @@ def load_splits(args):
     return train, val, test
 
 
-class ProgressBar:
-    """The NumPy twin's per-epoch bar, like Keras's: step/total, time, ETA, running metrics.
-    When the output is not a terminal, one line per epoch (Keras verbose=2)."""
+class TrainingLog:
+    """The NumPy twin's books while it trains, kept as Keras's model.fit
+    keeps them: a progress bar per epoch, the running loss and accuracy
+    (averaged over examples), each epoch's seconds (validation included),
+    the history, and a stop with one message when training blows up (a
+    loss, a validation loss or a weight that is no longer a finite number).
+    NumPy's own overflow warnings are silenced meanwhile: that message says
+    more.
 
-    def __init__(self, total):
-        self.total, self.start, self.tty = total, time.perf_counter(), sys.stdout.isatty()
-        self.last = 0.0
+        for epoch in log.epochs():      # prints "Epoch 1/12"; times the epoch
+            ... log.batch(loss, probs, labels) after every step ...
+            log.end_epoch(val_loss, val_accuracy, weights)
+    """
 
-    def update(self, step, metrics):
-        now = time.perf_counter()
-        if not self.tty or (now - self.last < 0.1 and step < self.total):
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / step * (self.total - step)
-        bar = "━" * int(20 * step / self.total)
-        print(f"\r{step:>{len(str(self.total))}}/{self.total} {bar:<20} "
-              f"{elapsed:.0f}s (ETA {eta:.0f}s) - {_metrics(metrics)}",
-              end="", flush=True)
+    def __init__(self, args, examples):
+        self.args, self.steps = args, -(-examples // args.batch_size)
+        self.history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+        self.epoch_seconds = []
 
-    def close(self, metrics):
-        elapsed = time.perf_counter() - self.start
-        line = (f"{self.total}/{self.total} - {elapsed:.0f}s - "
-                f"{1000 * elapsed / self.total:.0f}ms/step - {_metrics(metrics)}")
-        print("\r" + line + "\033[K" if self.tty else line, flush=True)
+    def epochs(self):
+        for epoch in range(1, self.args.epochs + 1):
+            print(f"Epoch {epoch}/{self.args.epochs}", flush=True)
+            self.epoch, self.step, self.loss_sum, self.correct, self.seen = epoch, 0, 0.0, 0, 0
+            self.bar, self.start = ProgressBar(self.steps), time.perf_counter()
+            with np.errstate(over="ignore", invalid="ignore"):
+                yield epoch
+
+    def batch(self, loss, probs, labels):
+        self.step += 1
+        if not np.isfinite(loss):                     # as Keras's TerminateOnNaN
+            raise diverged(self.epoch, self.step, f"the loss became {loss}", self.args.lr)
+        self.loss_sum += float(loss) * len(labels)
+        self.correct += int((probs.argmax(axis=1) == labels).sum())
+        self.seen += len(labels)
+        self.bar.update(self.step, _metrics({"accuracy": self.correct / self.seen,
+                                             "loss": self.loss_sum / self.seen}))
+
+    def end_epoch(self, val_loss, val_accuracy, weights):
+        self.epoch_seconds.append(time.perf_counter() - self.start)
+        metrics = {"accuracy": self.correct / self.seen, "loss": self.loss_sum / self.seen,
+                   "val_accuracy": val_accuracy, "val_loss": val_loss}
+        for key in self.history:
+            self.history[key].append(metrics[key])
+        elapsed = self.epoch_seconds[-1]
+        self.bar.close(f"{self.steps}/{self.steps} - {elapsed:.0f}s - "
+                       f"{1000 * elapsed / self.steps:.0f}ms/step - {_metrics(metrics)}")
+        problem = not_finite(self.history, weights)
+        if problem:
+            raise diverged(self.epoch, None, problem, self.args.lr)
 
 
 def _metrics(metrics):
@@ -350,6 +378,156 @@ def not_finite(history, weights):
     if bad:
         return f"{bad[0]} became NaN or infinite"
     return None
+
+
+# ---------------------------------------------------------------------------
+# The NumPy twin's model: its weights by name, its summary
+# ---------------------------------------------------------------------------
+
+class WeightsOfLayers:
+    """What the NumPy twin's Sequential does with its layers' weights besides
+    learning them: the weights file's keys ("conv1/kernel" is conv1.kernel,
+    in Keras's order), loading and saving, counting, and the summary table.
+    A subclass sets self.layers and self.dtype."""
+
+    def _weights(self):
+        return [(f"{layer.name}/{part}", layer, part)
+                for layer in self.layers for part in layer.params + layer.state]
+
+    def weight_shapes(self):
+        """{"conv1/kernel": (3, 3, 1, 32), ...}, layer by layer in Keras's order."""
+        return {key: getattr(layer, part).shape for key, layer, part in self._weights()}
+
+    def get_weights(self):
+        return {key: getattr(layer, part).copy() for key, layer, part in self._weights()}
+
+    def set_weights(self, weights, source="The weights given"):
+        """Take {"conv1/kernel": array, ...} in Keras's layouts, as is."""
+        check_weights(weights, self.weight_shapes(), source)
+        for key, layer, part in self._weights():
+            setattr(layer, part, np.array(weights[key], self.dtype))
+
+    def count_params(self):
+        return sum(getattr(layer, part).size for _, layer, part in self._weights())
+
+    def summary(self):
+        """The same table as Keras's model.summary()."""
+        rows = [("Layer (type)", "Output Shape", "Param #")] + [
+            (f"{layer.name} ({type(layer).__name__})", str((None,) + layer.output_shape),
+             f"{sum(getattr(layer, part).size for part in layer.params + layer.state):,}")
+            for layer in self.layers]
+        widths = (33, 24, 15)
+        print('Model: "sequential"')
+        print("┏" + "┳".join("━" * w for w in widths) + "┓")
+        for i, (a, b, c) in enumerate(rows):
+            bar = "┃" if i == 0 else "│"
+            print(f"{bar} {a:<{widths[0] - 2}} {bar} {b:<{widths[1] - 2}} "
+                  f"{bar} {c:>{widths[2] - 2}} {bar}")
+            left, mid, right, dash = ("┡", "╇", "┩", "━") if i == 0 else ("├", "┼", "┤", "─")
+            if i < len(rows) - 1:
+                print(left + mid.join(dash * w for w in widths) + right)
+        print("└" + "┴".join("─" * w for w in widths) + "┘")
+        learned = sum(getattr(layer, part).size for layer in self.layers
+                      for part in layer.params)
+        total = self.count_params()
+        for label, n in (("Total", total), ("Trainable", learned),
+                         ("Non-trainable", total - learned)):
+            print(f" {label} params: {n:,} ({_memory(n * self.dtype.itemsize)})")
+
+
+def _memory(size):
+    """Bytes as Keras's summary writes them: 879.04 KB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.2f} {unit}"
+        size /= 1024
+
+
+def default_layer_name(class_name, taken):
+    """Keras's default layer name: the class name in snake_case (Conv2D ->
+    conv2d, BatchNormalization -> batch_normalization), then _1, _2, ..."""
+    base = "".join("_" + c.lower() if c.isupper() and i and not class_name[i - 1].isupper()
+                   else c.lower() for i, c in enumerate(class_name))
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+# ---------------------------------------------------------------------------
+# main: the same steps, files and printed lines for both twins
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Twin:
+    """The part of main that differs between the twins: how each builds its
+    model (with the starting weights for args.seed), reads and writes its
+    weights, trains, evaluates and predicts, and what it shows in figures."""
+    name: str                     # "keras" or "numpy": the files' prefix
+    title: str                    # "Keras twin"
+    description: str              # the first line of --help
+    build: Callable               # (args) -> model
+    weight_shapes: Callable       # (model) -> {"conv1/kernel": shape, ...}
+    set_weights: Callable         # (model, weights, source)
+    get_weights: Callable         # (model) -> {"conv1/kernel": array, ...}
+    train: Callable               # (model, train_set, val_set, args) -> history, seconds
+    evaluate: Callable            # (model, x, y) -> loss, accuracy, probs
+    predict: Callable             # (model, x) -> probs
+    first_kernel: Callable        # (model) -> the first conv layer's kernel
+    feature_maps: Callable        # (model, image) -> [(layer name, (H, W, C)), ...]
+
+
+def main(twin, argv=None):
+    """Both twins' main: the model, the data, training, the test set, the
+    report and weights, the figures, and the user's own images."""
+    args = parse_args(twin.description, argv)
+    out = prepare_out_dir(args.out)
+    spec = data_utils.DATASETS[args.dataset]
+    title = f"{twin.title}, {spec['title']}"
+
+    # The model: the shared starting weights for the seed, or a weights
+    # file written by either twin (checked against this network first).
+    model = twin.build(args)
+    if args.load_weights:
+        twin.set_weights(model, load_weights(args.load_weights, twin.weight_shapes(model)))
+        if args.predict:                          # only classify the user's images
+            return _predict(twin, model, args.predict, spec, out, title)
+
+    train_set, val_set, (x_test, y_test) = load_splits(args)
+    model.summary()
+    history, epoch_seconds = {}, []
+    if not args.eval_only:
+        print(f"Training on {len(train_set[0]):,} {spec['title']} images, "
+              f"validating on {len(val_set[0]):,}.")
+        history, epoch_seconds = twin.train(model, train_set, val_set, args)
+    test_loss, test_accuracy, probs = twin.evaluate(model, x_test, y_test)
+
+    # The report, the weights and the figures: the same files for both twins.
+    report = make_report(twin.name, args, model.count_params(), len(train_set[0]),
+                         test_accuracy, test_loss, epoch_seconds, history)
+    # An evaluation alone gets its own file, so the training report stays.
+    written = [out / f"{twin.name}{'.eval' if args.eval_only else ''}.json"]
+    write_report(written[0], report)
+    if not args.eval_only:
+        written.append(out / f"{twin.name}.weights.npz")
+        save_weights(written[-1], twin.get_weights(model))
+    if not args.no_plots:
+        from helpers import plots
+        written += plots.all_figures(twin.name, out, report["history"], x_test, y_test,
+                                     probs, spec["classes"], title, twin.first_kernel(model),
+                                     twin.feature_maps(model, x_test[0]))
+    print("Wrote " + ", ".join(str(p) for p in written))
+    print(summary_line(report))
+    if args.predict:
+        return _predict(twin, model, args.predict, spec, out, title)
+    return 0
+
+
+def _predict(twin, model, paths, spec, out, title):
+    from helpers import own_digits                 # needs Pillow
+    return own_digits.report(paths, lambda x: twin.predict(model, x), spec["classes"],
+                             out, twin.name, title)
 
 
 def import_keras():

@@ -141,7 +141,7 @@ def report(paths, predict, class_names, out, prefix, title):
     predict: a function from inputs (M, 28, 28, 1) to probabilities (M, 10),
     so each twin passes its own model.
     """
-    import plots
+    from helpers import plots
 
     inputs, names, errors = prepare(paths)
     probs = predict(inputs) if len(inputs) else np.zeros((0, len(class_names)))

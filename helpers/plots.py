@@ -11,7 +11,7 @@ matplotlib.use("Agg")                      # draw to files, no window
 import matplotlib.pyplot as plt            # noqa: E402
 import numpy as np                         # noqa: E402
 
-from common import atomic_write            # noqa: E402
+from helpers.common import atomic_write    # noqa: E402
 
 
 def _save(fig, path):
