@@ -129,8 +129,10 @@ class BatchNormalization:
     def forward(self, x, training=False):
         if not training:       # the moving statistics, as tf.nn.batch_normalization uses them
             scale = self.gamma / np.sqrt(self.moving_variance + self.epsilon)
+            self.cache = None, x, scale                # for a backward pass at inference
             return x * scale + (self.beta - self.moving_mean * scale)
-        out, self.cache, mean, var = batchnorm_forward(x, self.gamma, self.beta, self.epsilon)
+        out, cache, mean, var = batchnorm_forward(x, self.gamma, self.beta, self.epsilon)
+        self.cache = cache, None, None
         self.update_moving_statistics(mean, var)
         return out
 
@@ -141,5 +143,11 @@ class BatchNormalization:
         self.moving_variance = self.moving_variance * m + var * (1.0 - m)
 
     def backward(self, dout):
-        dx, self.dgamma, self.dbeta = batchnorm_backward(dout, self.cache)
+        cache, x, scale = self.cache
+        if cache is None:      # after inference: the statistics are constants, out = x*scale + c
+            axes = tuple(range(dout.ndim - 1))
+            xhat = (x - self.moving_mean) / np.sqrt(self.moving_variance + self.epsilon)
+            self.dgamma, self.dbeta = (dout * xhat).sum(axis=axes), dout.sum(axis=axes)
+            return dout * scale
+        dx, self.dgamma, self.dbeta = batchnorm_backward(dout, cache)
         return dx

@@ -1,6 +1,6 @@
 """Compare the twins: their results side by side, or the proof in lockstep.
 
-    python compare.py                 # table of results/keras.json vs results/numpy.json
+    python compare.py                 # table of results/mnist/keras.json vs numpy.json
                                       # and a figure of both training curves
     python compare.py --lockstep 20   # train both twins from the same weights on
                                       # the same batches, printing both losses
@@ -34,6 +34,9 @@ ROWS = [  # (label, how to show a report's value)
 
 
 def read_reports(folder):
+    """Both twins' reports in folder, checked: complete, and of the same
+    dataset and the same network (else the table would compare apples with
+    pears); anything else is one message."""
     reports = {}
     for twin, script in (("keras", "mnist_cnn_keras.py"), ("numpy", "mnist_cnn_numpy.py")):
         path = Path(folder) / f"{twin}.json"
@@ -41,9 +44,26 @@ def read_reports(folder):
             reports[twin] = json.loads(path.read_text())
         except FileNotFoundError:
             raise common.UserError(f"{path} is missing: run `python {script}` first "
-                                   f"(with --out {folder} if you changed it).") from None
+                                   f"(with --out {folder} if you chose another folder)."
+                                   ) from None
         except (OSError, ValueError) as e:
             raise common.UserError(f"{path} is not a readable results file ({e}).") from None
+        missing = [key for key in common.REPORT_KEYS
+                   if not isinstance(reports[twin], dict) or key not in reports[twin]]
+        if missing:
+            raise common.UserError(f"{path} is not a results file of this repo's twins "
+                                   f"(it has no {missing[0]!r}): run `python {script}` again.")
+    k, n = reports["keras"], reports["numpy"]
+    if k["dataset"] != n["dataset"]:
+        raise common.UserError(f"The twins' runs in {folder} are on different datasets "
+                               f"(Keras on {k['dataset']}, NumPy on {n['dataset']}); run both "
+                               "on the same one to compare them.")
+    if k["network"] != n["network"]:
+        layer = next((f"{a} against {b}" for a, b in zip(k["network"], n["network"]) if a != b),
+                     f"{len(k['network'])} layers against {len(n['network'])}")
+        raise common.UserError(f"The twins' runs in {folder} are of different networks "
+                               f"(Keras's layer {layer}, NumPy's); edit both build_model "
+                               "functions the same way and run both again.")
     return reports
 
 
@@ -141,9 +161,12 @@ def run_lockstep(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--results", default=common.DEFAULTS["out"], metavar="DIR",
-                   help="folder with keras.json and numpy.json")
+                                formatter_class=common.HelpWithDefaults)
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="folder with keras.json and numpy.json; default: results/<dataset>")
+    p.add_argument("--dataset", choices=sorted(data_utils.DATASETS),
+                   default=common.DEFAULTS["dataset"],
+                   help="which dataset's default folder; the lockstep is on MNIST")
     p.add_argument("--lockstep", dest="steps", type=common._positive(int), metavar="STEPS",
                    help="instead: train both twins for STEPS steps in lockstep")
     p.add_argument("--float64", action="store_true", help="lockstep in float64")
@@ -154,10 +177,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps:
         return run_lockstep(args)
-    reports = read_reports(args.results)
+    folder = common.results_folder(args.results, args.dataset)
+    reports = read_reports(folder)
     print(table(reports))
-    figure = Path(args.results) / "compare_curves.png"
-    curves_figure(reports, figure)
+    figure = folder / "compare_curves.png"
+    with common.ResultSet(folder) as results:
+        curves_figure(reports, results.path(figure.name))
     print(f"\nWrote {figure}")
     return 0
 

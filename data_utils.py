@@ -49,6 +49,11 @@ class DataError(Exception):
     went wrong and what to do; the scripts print it instead of a traceback."""
 
 
+class UnreadableFile(DataError):
+    """A file that is there but cannot be read (permissions, an I/O error):
+    never taken for a corrupt one, so never removed or replaced."""
+
+
 # ---------------------------------------------------------------------------
 # What each dataset is: its files, their checksums, where to download them
 # ---------------------------------------------------------------------------
@@ -203,7 +208,8 @@ def read_verified(path, sha256, raw_size):
             else:
                 data = f.read(raw_size + 1)
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e}).") from None
+        raise UnreadableFile(f"{path} is there but cannot be read ({e.strerror or e}): fix "
+                             "its permissions, or remove it to download it again.") from None
     if len(data) != raw_size:
         raise DataError(f"{path}: wrong size: {len(data):,}"
                         f"{'+' if len(data) > raw_size else ''} bytes of content, "
@@ -442,6 +448,8 @@ def load_file(name, role, data_dir=None, progress=True):
             continue
         try:
             return read_verified(path, sha, raw_size)
+        except UnreadableFile:
+            raise
         except DataError as e:
             if path.parent != own_dir:
                 continue       # in the shared root: maybe another dataset's
@@ -525,12 +533,7 @@ def main(argv=None):
                         help="data folder (default: $MNIST_DATA_DIR, else "
                              "~/.cache/mnist-twins)")
     args = parser.parse_args(argv)
-    try:
-        (x_train, y_train), (x_test, y_test) = load_dataset(args.dataset,
-                                                            args.data_dir)
-    except DataError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    (x_train, y_train), (x_test, y_test) = load_dataset(args.dataset, args.data_dir)
     print(f"{DATASETS[args.dataset]['title']} in "
           f"{data_root(args.data_dir) / args.dataset}: verified.")
     print(f"  train: {x_train.shape} images, labels {np.bincount(y_train)}")
@@ -539,4 +542,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # One message for Ctrl-C and SIGTERM too, as for the twins; the imported
+    # module's main, so that its DataError is the one common.run knows.
+    import data_utils
+    from helpers import common
+    common.run(data_utils.main)

@@ -24,6 +24,7 @@ for glorot_uniform): read them after trying.
 import argparse
 import ast
 import importlib.util
+import multiprocessing
 import textwrap
 import traceback
 from contextlib import contextmanager
@@ -203,8 +204,14 @@ def start(path, solutions=False):
         raise common.UserError(f"{path} exists already; it is not overwritten (your work is "
                                f"in it). Check it with `python exercises.py check --path "
                                f"{path}`, or choose another --path.")
-    with common.atomic_write(path) as f:
-        f.write(workbook_text(solutions).encode())
+    if not path.parent.is_dir():
+        raise common.UserError(f"Cannot write {path}: the folder {path.parent} does not exist "
+                               "(make it first, or choose another --path).")
+    try:
+        with common.atomic_write(path) as f:
+            f.write(workbook_text(solutions).encode())
+    except OSError as e:
+        raise common.UserError(f"Cannot write {path} ({e.strerror or e}).") from None
     print(f"Wrote {path}: {len(exercises())} exercises"
           + (" (with the twin's solutions)" if solutions else "") + ".")
     if solutions:
@@ -219,19 +226,38 @@ def start(path, solutions=False):
 # check: the learner's functions, in order
 # -----------------------------------------------------------------------------
 
-def load_workbook(path):
-    """Import the workbook; a syntax error or an exception while importing
-    becomes one message with the file and line."""
+def read_workbook(path):
+    """The workbook's text, compiled: a missing file, a folder, a file that
+    is not UTF-8 text or a syntax error is one message (with the line). No
+    line of it runs here."""
     path = Path(path)
-    if not path.exists():
-        raise common.UserError(f"No workbook at {path}: make one with `python exercises.py "
-                               "start`.")
     try:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise common.UserError(f"No workbook at {path}: make one with `python exercises.py "
+                               "start`.") from None
+    except IsADirectoryError:
+        raise common.UserError(f"{path} is a folder, not a workbook: give the file with "
+                               "--path.") from None
+    except UnicodeDecodeError as e:
+        raise common.UserError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8, "
+                               "or start a new workbook with another --path.") from None
+    except OSError as e:
+        raise common.UserError(f"Cannot read {path} ({e.strerror or e}).") from None
+    try:
         compile(source, str(path), "exec")
     except SyntaxError as e:
         line = (e.text or "").rstrip()
         raise common.UserError(f"{path}, line {e.lineno}: {e.msg}\n    {line}") from None
+    except ValueError as e:                              # e.g. a NUL byte
+        raise common.UserError(f"{path} cannot be read as Python ({e}).") from None
+    return source
+
+
+def load_workbook(path):
+    """Import the workbook (this runs the learner's top-level code): an
+    exception while importing becomes one message with the file and line."""
+    read_workbook(path)
     spec = importlib.util.spec_from_file_location("workbook", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -281,13 +307,19 @@ def planted(module):
             setattr(owner, name, original)
 
 
-def run_checks(path, only=None, say=print):
+TIME_LIMIT = 60            # seconds for one exercise's checks (the whole network: 5x)
+
+
+def run_checks(path, only=None, say=print, time_limit=TIME_LIMIT):
     """Check the workbook's exercises in order (up to `only`, if given).
 
     Returns (done, total, failure): failure is None, or (exercise, message).
-    Exercises before `only` must pass too: later ones use them.
+    Exercises before `only` must pass too: later ones use them. The
+    learner's code runs in a child process, one per exercise, so that an
+    endless loop, sys.exit or os._exit in it is reported (with the
+    function's name) instead of hanging or ending the checker.
     """
-    module = load_workbook(path)
+    read_workbook(path)
     say(f"Checking {path}, exercise by exercise:")
     todo = exercises()
     if only:
@@ -296,17 +328,70 @@ def run_checks(path, only=None, say=print):
             raise common.UserError(f"No exercise {only!r}; they are: {', '.join(names)}.")
         todo = todo[:names.index(only) + 1]
     total = len(exercises())
-    with planted(module):
-        for done, e in enumerate(todo):
-            failure = _check_one(e, path)
-            if failure:
-                return done, total, (e, failure)
-            say(f"  {e.number:2d}/{total} {e.name:<32} passed")
-        if not only:
-            failure = _check_whole_network(path)
-            if failure:
-                return total, total, (None, failure)
+    for done, e in enumerate(todo):
+        failure = _in_child(path, e.name, time_limit, f"checking {e.name}")
+        if failure:
+            return done, total, (e, failure)
+        say(f"  {e.number:2d}/{total} {e.name:<32} passed")
+    if not only:
+        failure = _in_child(path, None, 5 * time_limit, "checking the whole network")
+        if failure:
+            return total, total, (None, failure)
     return len(todo), total, None
+
+
+def _in_child(path, name, time_limit, doing):
+    """Exercise `name`'s checks (None: the whole network's gradients) on the
+    workbook, in a child process: the failure message, or None."""
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, str(path), name), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(time_limit):
+            child.kill()
+            return (f"{doing} did not finish in {time_limit} s: an endless loop in your code? "
+                    "(If it is only slow: --time-limit gives it more seconds.)")
+        kind, message = receive.recv()
+    except EOFError:                                # the child ended without a word
+        child.join(5)
+        return (f"your code stopped the checker while {doing} (the process ended with "
+                f"status {child.exitcode}: os._exit or a crash?): a function must return "
+                "its result, never end the program")
+    finally:
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+    if kind == "error":
+        raise common.UserError(message)
+    return message
+
+
+def _child(send, path, name):
+    """In the child process: import the workbook, plant it, check; send
+    ("done", failure or None) or ("error", message for the whole workbook)."""
+    try:
+        try:
+            module = load_workbook(path)
+        except SystemExit as e:
+            raise common.UserError(f"{path} stops the checker when it is imported "
+                                   f"(sys.exit({e.code!r}) at its top level?); remove that "
+                                   "line.") from None
+        with planted(module):
+            if name is None:
+                failure = _check_whole_network(path)
+            else:
+                failure = _check_one(next(e for e in exercises() if e.name == name), path)
+        send.send(("done", failure))
+    except common.UserError as e:
+        send.send(("error", str(e)))
+    except SystemExit as e:
+        send.send(("done", f"your code called sys.exit({e.code!r}) ({_where(e, path)}): a "
+                           "function must return its result, never end the program"))
+    finally:
+        send.close()
 
 
 def _check_one(e, path):
@@ -350,8 +435,8 @@ def _check_whole_network(path):
     return None
 
 
-def check(path, only=None):
-    done, total, failure = run_checks(path, only)
+def check(path, only=None, time_limit=TIME_LIMIT):
+    done, total, failure = run_checks(path, only, time_limit=time_limit)
     if failure is None:
         if only:
             print(f"\n{only} passes. {done} of {total} done.")
@@ -406,8 +491,8 @@ def _line_of(path, qualname):
 # train: the real network with the learner's functions
 # -----------------------------------------------------------------------------
 
-def train(path, twin_args):
-    done, total, failure = run_checks(path, say=lambda text: None)
+def train(path, twin_args, time_limit=TIME_LIMIT):
+    done, total, failure = run_checks(path, say=lambda text: None, time_limit=time_limit)
     if failure:
         raise common.UserError(f"{done} of {total} exercises pass so far: run `python "
                                "exercises.py check` and finish them first.")
@@ -415,7 +500,14 @@ def train(path, twin_args):
     print(f"Training the NumPy twin with your {total} functions from {path}, on the "
           "lesson's own code path (speedup.py's drop-ins would run instead of some of them).")
     with planted(module):
-        return common.main(nt.TWIN, ["--out", str(Path("results") / "workbook"), *twin_args])
+        try:
+            return common.main(nt.TWIN, ["--out", str(Path("results") / "workbook"),
+                                         *twin_args])
+        except SystemExit as e:
+            if isinstance(e.code, int) and e.code in (0, 2) and not _in_workbook(e, path):
+                raise                                  # --help, or a flag argparse refused
+            raise common.UserError(f"Your code called sys.exit({e.code!r}) during training "
+                                   f"({_where(e, path)}); nothing was written.") from None
 
 
 def main(argv=None):
@@ -429,6 +521,9 @@ def main(argv=None):
     p.add_argument("--path", default=str(DEFAULT_WORKBOOK.relative_to(REPO))
                    if Path.cwd() == REPO else str(DEFAULT_WORKBOOK),
                    help="the workbook file")
+    p.add_argument("--time-limit", type=common._positive(int), default=TIME_LIMIT,
+                   metavar="SECONDS", help="check: the most one exercise's checks may take "
+                                           "(the whole network: 5 times that)")
     p.add_argument("--with-solutions", action="store_true",
                    help="start: fill the workbook with the twin's own functions (for "
                         "teachers: a workbook that passes)")
@@ -438,9 +533,9 @@ def main(argv=None):
     if args.command == "start":
         return start(args.path, args.with_solutions)
     if args.command == "check":
-        return check(args.path, args.name)
+        return check(args.path, args.name, args.time_limit)
     if args.command == "train":
-        return train(args.path, rest)
+        return train(args.path, rest, args.time_limit)
     for e in exercises():
         print(f"{e.number:2d}. {e.name:<32} read first: {READ[e.name]}")
     return 0

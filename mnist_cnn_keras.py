@@ -212,7 +212,9 @@ TWIN = common.Twin(
     name="keras", title="Keras twin", description=__doc__.splitlines()[0], build=start,
     weight_shapes=weight_shapes, set_weights=set_weights, get_weights=get_weights,
     train=train, evaluate=evaluate, predict=predict,
-    first_kernel=lambda model: model.layers[0].get_weights()[0], feature_maps=feature_maps)
+    first_kernel=lambda model: model.layers[0].get_weights()[0], feature_maps=feature_maps,
+    layers=lambda model: [(layer.name, type(layer).__name__, tuple(layer.output.shape[1:]))
+                          for layer in model.layers])
 
 
 def main(argv=None):

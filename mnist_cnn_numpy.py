@@ -621,7 +621,9 @@ TWIN = common.Twin(
     build=lambda args: build_model(seed=args.seed),
     weight_shapes=Sequential.weight_shapes, set_weights=Sequential.set_weights,
     get_weights=Sequential.get_weights, train=train, evaluate=evaluate, predict=predict,
-    first_kernel=lambda model: model.layers[0].kernel, feature_maps=feature_maps)
+    first_kernel=lambda model: model.layers[0].kernel, feature_maps=feature_maps,
+    layers=lambda model: [(layer.name, type(layer).__name__, layer.output_shape)
+                          for layer in model.layers])
 
 
 def main(argv=None):

@@ -383,13 +383,16 @@ class BatchNormOverSlices:
     def forward(self, x, training=False):
         if not training:
             return super().forward(x, training)
-        out, self.cache, mean, var = batchnorm_forward(x, self.gamma, self.beta,
-                                                       self.epsilon, self.total)
+        out, cache, mean, var = batchnorm_forward(x, self.gamma, self.beta, self.epsilon,
+                                                  self.total)
+        self.cache = cache, None, None
         self.update_moving_statistics(mean, var)
         return out
 
     def backward(self, dout):
-        dx, self.dgamma, self.dbeta = batchnorm_backward(dout, self.cache)
+        if self.cache[0] is None:
+            return super().backward(dout)
+        dx, self.dgamma, self.dbeta = batchnorm_backward(dout, self.cache[0])
         return dx
 
 

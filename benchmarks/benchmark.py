@@ -161,7 +161,7 @@ def run_twin(twin, args, out, epochs=None, lesson_alone=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpWithDefaults)
     p.add_argument("--quick", action="store_true",
                    help="300 training images, 2 epochs, 1 round: checks the script works")
     p.add_argument("--rounds", type=common._positive(int), default=4,

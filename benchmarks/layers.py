@@ -192,7 +192,7 @@ def table(numpy, keras):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpWithDefaults)
     p.add_argument("--repeats", type=common._positive(int), default=30,
                    help="runs of each measurement; the fastest is kept")
     p.add_argument("--data-dir", default=None)

@@ -15,12 +15,17 @@ import argparse
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -34,7 +39,7 @@ class UserError(Exception):
 
 
 DEFAULTS = {"epochs": 12, "batch_size": 128, "lr": 1e-3, "seed": 0,
-            "dataset": "mnist", "out": "results"}
+            "dataset": "mnist", "out": "results"}      # out: results/<dataset>/
 
 
 # ---------------------------------------------------------------------------
@@ -67,10 +72,25 @@ def _seed(text):
     return value
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help says each flag's default once: argparse's own "(default: X)",
+    unless the help text says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def results_folder(out, dataset):
+    """Where a run writes: --out, or results/<dataset>/ so that runs on
+    different datasets never overwrite each other."""
+    return Path(out) if out else Path(DEFAULTS["out"]) / dataset
+
+
 def parse_args(description, argv=None):
-    p = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
     p.add_argument("--epochs", type=_positive(int), default=DEFAULTS["epochs"],
                    help="passes over the training images")
     p.add_argument("--batch-size", type=_positive(int),
@@ -87,8 +107,9 @@ def parse_args(description, argv=None):
     p.add_argument("--data-dir", default=None,
                    help="data folder; default: $MNIST_DATA_DIR, else "
                         "~/.cache/mnist-twins")
-    p.add_argument("--out", default=DEFAULTS["out"], metavar="DIR",
-                   help="folder for the report, weights and figures")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the report, weights and figures; default: "
+                        "results/<dataset>")
     p.add_argument("--load-weights", default=None, metavar="PATH",
                    help="start from this .weights.npz file (either twin's)")
     p.add_argument("--eval-only", action="store_true",
@@ -189,8 +210,11 @@ def check_weights(weights, shapes, source):
 # Files: the weights (.npz), the report (.json), written all-or-nothing
 # ---------------------------------------------------------------------------
 
-def prepare_out_dir(out):
-    """Create --out (if needed) and check that it is writable, before training."""
+def prepare_out_dir(out, dataset=None, reports=()):
+    """Create --out (if needed) and check, before any work, that it is
+    writable and that the reports this run would replace (reports: file
+    names) are of the same dataset: a run never overwrites another
+    dataset's results."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +223,54 @@ def prepare_out_dir(out):
     except OSError as e:
         raise UserError(f"Cannot write to --out {out} "
                         f"({e.strerror or e}).") from None
+    for name in reports:
+        try:
+            other = json.loads((out / name).read_text()).get("dataset")
+        except (OSError, ValueError, AttributeError):
+            continue                              # nothing there, or not a report
+        if dataset and other != dataset:
+            raise UserError(f"{out / name} holds the results of a run on {other}; this run is "
+                            f"on {dataset}. Choose another --out (by default each dataset "
+                            "has its own folder, results/<dataset>/).")
     return out
+
+
+class ResultSet:
+    """A run's files, written as one set: each into a hidden folder inside
+    --out first, then all moved into place together (os.replace, which
+    cannot run out of space) once every one is complete. A full disk, an
+    error or a signal on the way leaves --out as it was.
+
+        with ResultSet(out) as results:
+            write_report(results.path("numpy.json"), report)   # ...
+        # here, and only here, the files are in out
+    """
+
+    def __init__(self, out):
+        self.out = Path(out)
+
+    def __enter__(self):
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=self.out))
+        except OSError as e:
+            raise UserError(f"Cannot write to --out {self.out} ({e.strerror or e}).") from None
+        return self
+
+    def path(self, name):
+        return self.staging / name
+
+    def __exit__(self, kind, error, trace):
+        try:
+            if kind is None:
+                for path in sorted(self.staging.iterdir()):
+                    os.replace(path, self.out / path.name)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise UserError(f"Could not write the results to {self.out} "
+                            f"({error.strerror or error}); nothing there was changed.") \
+                from None
+        return False
 
 
 @contextmanager
@@ -230,42 +301,105 @@ def save_weights(path, weights):
 def load_weights(path, shapes, dtype=np.float32):
     """Read a weights file and check it against the model that will load it.
 
-    shapes: that model's {"conv1/kernel": (3, 3, 1, 32), ...}. A missing
-    key, a wrong shape, an extra layer, integers, NaN or infinite values are
-    each a UserError that says which weight and why.
+    shapes: that model's {"conv1/kernel": (3, 3, 1, 32), ...}. The file is a
+    zip archive of .npy arrays (np.savez); every array's header is read and
+    checked against the model (name, shape, float type, the byte count it
+    promises) before any of its numbers are, so a damaged or hostile file
+    costs no more memory than the model's own weights. Anything wrong (not
+    an archive, a damaged one, a missing, extra or misshapen weight,
+    integers or objects, NaN, values too large for dtype) is a UserError
+    that says which weight and why.
     """
+    source = f"Weights file {path}"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            found = {k: npz[k] for k in npz.files}
+        archive = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise UserError(f"Weights file not found: {path}") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"Weights file {path} is not a readable .npz "
-                        f"file ({e}).") from None
-    check_weights(found, shapes, f"Weights file {path}")
-    for key, array in found.items():
-        if not np.issubdtype(array.dtype, np.floating):
-            raise UserError(f"Weights file {path}: {key} has dtype "
-                            f"{array.dtype}, expected floats.")
-        if not np.all(np.isfinite(array)):
-            raise UserError(f"Weights file {path}: {key} holds NaN or infinite "
-                            "values (written by a training run whose loss "
-                            "diverged?); these weights cannot be used.")
-    return {key: found[key].astype(dtype) for key in shapes}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{source} cannot be read as a weights file ({reason}): it should be "
+                        "the .npz archive a twin writes (not a plain .npy, not a damaged "
+                        "copy).") from None
+    try:
+        with archive:
+            members = archive.infolist()
+            if len(members) > 2 * len(shapes) + 8:
+                raise UserError(f"{source} holds {len(members):,} files; this model has "
+                                f"{len(shapes)} weights.")
+            headers = {}
+            for info in members:
+                if not info.filename.endswith(".npy"):
+                    raise UserError(f"{source}: its member {info.filename!r} is not an "
+                                    "array (.npy): not a file a twin wrote.")
+                headers[info.filename[:-len(".npy")]] = _npy_header(archive, info, source)
+            check_weights({k: SimpleNamespace(shape=h[0]) for k, h in headers.items()}, shapes,
+                          source)
+            weights = {}
+            for key in shapes:
+                shape, kind, info = headers[key]
+                with archive.open(info) as f:
+                    array = np.lib.format.read_array(f, allow_pickle=False)
+                weights[key] = _checked_values(array, key, dtype, source)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{source} is damaged ({e}); write it again, or use another copy.") \
+            from None
+    return weights
+
+
+def _npy_header(archive, info, source):
+    """(shape, dtype, info) from one .npy member's header, after checking
+    that the member holds exactly as many bytes as the header promises."""
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{info.filename}: .npy format version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, kind = read(f)
+        header = f.tell()
+    key = info.filename[:-len(".npy")]
+    if kind.hasobject or kind.kind != "f":
+        raise UserError(f"{source}: {key} has dtype {kind}, expected floats.")
+    expected = header + int(np.prod(shape, dtype=object)) * kind.itemsize
+    if info.file_size != expected:
+        raise UserError(f"{source}: {key} declares {shape} {kind} values ({expected:,} bytes), "
+                        f"but holds {info.file_size:,}: a damaged or foreign file.")
+    return tuple(int(n) for n in shape), kind, info
+
+
+def _checked_values(array, key, dtype, source):
+    if not np.all(np.isfinite(array)):
+        raise UserError(f"{source}: {key} holds NaN or infinite values (written by a "
+                        "training run whose loss diverged?); these weights cannot be used.")
+    largest = float(np.max(np.abs(array))) if array.size else 0.0
+    if largest > float(np.finfo(dtype).max):
+        raise UserError(f"{source}: {key} holds values up to {largest:.3g}, beyond what "
+                        f"the twin's {np.dtype(dtype).name} can hold "
+                        f"({np.finfo(dtype).max:.3g}); these weights cannot be used.")
+    return array.astype(dtype)
 
 
 def write_report(path, report):
+    """The report as JSON (strict: a NaN is refused, it is not valid JSON)."""
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     with atomic_write(path) as f:
-        f.write((json.dumps(report, indent=2) + "\n").encode())
+        f.write(text.encode())
 
 
-def make_report(implementation, args, params, train_images, test_accuracy, test_loss,
-                epoch_seconds, history):
-    """The results file; both twins write exactly these keys. params: the
-    model's number of weights (Keras's "Total params")."""
+REPORT_KEYS = ("implementation", "dataset", "network", "epochs", "batch_size",
+               "learning_rate", "seed", "train_images", "params", "test_accuracy",
+               "test_loss", "train_seconds", "epoch_seconds", "history")
+
+
+def make_report(implementation, args, network, params, train_images, test_accuracy,
+                test_loss, epoch_seconds, history):
+    """The results file; both twins write exactly these keys (REPORT_KEYS).
+    network: [[layer name, type, output shape], ...]; params: the model's
+    number of weights (Keras's "Total params")."""
     return {
         "implementation": implementation,
         "dataset": args.dataset,
+        "network": [[name, kind, list(shape)] for name, kind, shape in network],
         "epochs": len(epoch_seconds),
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
@@ -476,13 +610,17 @@ class Twin:
     predict: Callable             # (model, x) -> probs
     first_kernel: Callable        # (model) -> the first conv layer's kernel
     feature_maps: Callable        # (model, image) -> [(layer name, (H, W, C)), ...]
+    layers: Callable              # (model) -> [(name, type, output shape), ...]
 
 
 def main(twin, argv=None):
     """Both twins' main: the model, the data, training, the test set, the
-    report and weights, the figures, and the user's own images."""
+    report and weights, the figures, and the user's own images. It either
+    completes and writes its files as one set, or says what went wrong in
+    one line and leaves --out as it was."""
     args = parse_args(twin.description, argv)
-    out = prepare_out_dir(args.out)
+    report_name = f"{twin.name}{'.eval' if args.eval_only else ''}.json"
+    out = prepare_out_dir(results_folder(args.out, args.dataset), args.dataset, [report_name])
     spec = data_utils.DATASETS[args.dataset]
     title = f"{twin.title}, {spec['title']}"
 
@@ -502,32 +640,66 @@ def main(twin, argv=None):
               f"validating on {len(val_set[0]):,}.")
         history, epoch_seconds = twin.train(model, train_set, val_set, args)
     test_loss, test_accuracy, probs = twin.evaluate(model, x_test, y_test)
+    problem = did_not_learn(history, test_accuracy, test_loss, len(spec["classes"]),
+                            len(train_set[0]) * len(epoch_seconds))
+    if problem:
+        raise UserError(problem + (f" If it was training, the learning rate --lr {args.lr:g} "
+                                   f"is probably too large: try --lr {args.lr / 10:g}."
+                                   if epoch_seconds else "") + " Nothing was written.")
 
-    # The report, the weights and the figures: the same files for both twins.
-    report = make_report(twin.name, args, model.count_params(), len(train_set[0]),
-                         test_accuracy, test_loss, epoch_seconds, history)
-    # An evaluation alone gets its own file, so the training report stays.
-    written = [out / f"{twin.name}{'.eval' if args.eval_only else ''}.json"]
-    write_report(written[0], report)
-    if not args.eval_only:
-        written.append(out / f"{twin.name}.weights.npz")
-        save_weights(written[-1], twin.get_weights(model))
-    if not args.no_plots:
-        from helpers import plots
-        written += plots.all_figures(twin.name, out, report["history"], x_test, y_test,
-                                     probs, spec["classes"], title, twin.first_kernel(model),
-                                     twin.feature_maps(model, x_test[0]))
-    print("Wrote " + ", ".join(str(p) for p in written))
+    # The report, the weights and the figures: the same files for both twins,
+    # written as one set. An evaluation alone gets its own report file, so
+    # that the training report stays.
+    report = make_report(twin.name, args, twin.layers(model), model.count_params(),
+                         len(train_set[0]), test_accuracy, test_loss, epoch_seconds, history)
+    with ResultSet(out) as results:
+        write_report(results.path(report_name), report)
+        names = [report_name]
+        if not args.eval_only:
+            names.append(f"{twin.name}.weights.npz")
+            save_weights(results.path(names[-1]), twin.get_weights(model))
+        if not args.no_plots:
+            from helpers import plots
+            names += [path.name for path in plots.all_figures(
+                twin.name, results.staging, report["history"], x_test, y_test, probs,
+                spec["classes"], title, twin.first_kernel(model),
+                twin.feature_maps(model, x_test[0]))]
+    print("Wrote " + ", ".join(str(out / name) for name in names))
     print(summary_line(report))
     if args.predict:
         return _predict(twin, model, args.predict, spec, out, title)
     return 0
 
 
+def did_not_learn(history, test_accuracy, test_loss, classes, examples_seen):
+    """What says that a run did not learn, or None: a test loss that is not a
+    number, a training loss that ended far above guessing's (log of the
+    number of classes), or chance-level accuracy after 20,000 examples."""
+    guessing = math.log(classes)
+    if not math.isfinite(test_loss):
+        return f"The test loss is {test_loss}: the weights give no usable probabilities."
+    if history.get("loss") and history["loss"][-1] > 2 * guessing:
+        return (f"Training did not learn: its loss ended at {history['loss'][-1]:.3g}, far "
+                f"above the {guessing:.2f} of guessing, with a test accuracy of "
+                f"{100 * test_accuracy:.2f}%.")
+    if examples_seen >= 20_000 and test_accuracy < 1.2 / classes:
+        return (f"Training did not learn: its test accuracy is {100 * test_accuracy:.2f}%, "
+                f"what guessing among {classes} classes gives.")
+    return None
+
+
 def _predict(twin, model, paths, spec, out, title):
-    from helpers import own_digits                 # needs Pillow
-    return own_digits.report(paths, lambda x: twin.predict(model, x), spec["classes"],
-                             out, twin.name, title)
+    """--predict: one line per image, and the figure of them all."""
+    from helpers import own_digits, plots          # need Pillow and matplotlib
+    inputs, names, probs, status = own_digits.report(paths, lambda x: twin.predict(model, x),
+                                                     spec["classes"])
+    if len(inputs):
+        name = f"{twin.name}_own_images.png"
+        with ResultSet(out) as results:
+            plots.own_images_figure(inputs, names, probs, spec["classes"], title,
+                                    results.path(name))
+        print(f"Wrote {out / name}")
+    return status
 
 
 def import_keras():
@@ -547,6 +719,11 @@ def import_keras():
         os.dup2(devnull, 2)
         import keras
         import tensorflow as tf
+    except KeyboardInterrupt:                 # Ctrl-C in the first seconds: one line too
+        os.dup2(saved, 2)
+        print("\nInterrupted (Ctrl-C) while TensorFlow was loading; nothing was written.",
+              file=sys.stderr)
+        sys.exit(130)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -554,17 +731,31 @@ def import_keras():
     return keras, tf
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt, so that every
+    temporary file is removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run(main):
     """Call main(); turn a user's mistake into one message and exit status 1.
 
-    Only UserError, DataError and Ctrl-C are caught: a bug still shows its
-    traceback, as it should.
+    Only UserError, DataError, Ctrl-C and SIGTERM are caught: a bug still
+    shows its traceback, as it should. A signal stops the run as an error
+    does: the temporary files are removed, and nothing half-written stays.
     """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         sys.exit(main())
     except (UserError, data_utils.DataError) as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
+        print("\nInterrupted (Ctrl-C); nothing was written.", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("\nStopped (SIGTERM); nothing was written.", file=sys.stderr)
+        sys.exit(143)

@@ -14,6 +14,7 @@ the same way for both. The steps are the ones used to make MNIST itself:
 Needs NumPy and Pillow (which matplotlib already installs); never TensorFlow.
 """
 
+import math
 import sys
 
 import numpy as np
@@ -27,27 +28,42 @@ class ImageError(Exception):
     """A file that cannot be turned into a digit; the message says why."""
 
 
-def load_gray(path):
+def load_gray(path, max_pixels=MAX_PIXELS):
     """Read an image file (a path or an open binary file) as a float array
-    in [0, 1], shape (height, width)."""
+    in [0, 1], shape (height, width), of at most max_pixels pixels: a larger
+    JPEG is decoded at a fraction of its size (1/2, 1/4 or 1/8, which JPEG
+    gives almost for free), any other larger image is refused before it is
+    decoded. 16-bit images are read at their full range."""
     try:
         with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
+            if img.width * img.height > max_pixels and img.format == "JPEG":
+                ratio = math.sqrt(img.width * img.height / max_pixels)
+                scale = min(8, 1 << math.ceil(math.log2(ratio)))      # JPEG's 1/2, 1/4, 1/8
+                img.draft("L", (img.width // scale, img.height // scale))
+            if img.width * img.height > max_pixels:
                 raise ImageError(f"image is {img.width} x {img.height} pixels, more than "
-                                 f"{MAX_PIXELS // 1_000_000} million; scale it down first")
-            if img.mode in ("RGBA", "LA", "P"):
+                                 f"{max_pixels / 1e6:g} million; scale it down first")
+            if img.mode in ("RGBA", "LA", "P", "PA"):
                 # Transparent areas become white paper, not black.
                 rgba = img.convert("RGBA")
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(paper, rgba)
-            gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            if img.mode.startswith("I;16") or img.mode == "I":      # 16 bits a pixel
+                gray = np.asarray(img, dtype=np.float32) / 65535.0
+            elif img.mode == "F":                                  # floats: their own range
+                gray = np.asarray(img, dtype=np.float32)
+                gray = gray / max(float(np.nanmax(np.abs(gray))), 1e-12)
+            else:
+                gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise ImageError("no such file") from None
     except UnidentifiedImageError:
         raise ImageError("not an image that can be read (PNG or JPEG expected)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read the image ({e})") from None
-    return gray
+    if not np.all(np.isfinite(gray)):
+        raise ImageError("the image holds values that are not numbers")
+    return np.clip(gray, 0.0, 1.0)
 
 
 def steps(gray):
@@ -135,14 +151,14 @@ def top3(name, probs, class_names):
     return f"{name}: " + ", ".join(f"{class_names[k]} ({100 * probs[k]:.1f}%)" for k in best)
 
 
-def report(paths, predict, class_names, out, prefix, title):
-    """Prepare, predict, print and draw; return the exit status (1 if any failed).
+def report(paths, predict, class_names):
+    """Prepare and predict every file, and print one line for each (an
+    error on stderr). Returns (inputs, names, probs, exit status: 1 if any
+    failed); the caller draws the figure.
 
     predict: a function from inputs (M, 28, 28, 1) to probabilities (M, 10),
     so each twin passes its own model.
     """
-    from helpers import plots
-
     inputs, names, errors = prepare(paths)
     probs = predict(inputs) if len(inputs) else np.zeros((0, len(class_names)))
     done = dict(zip(names, probs))
@@ -151,8 +167,4 @@ def report(paths, predict, class_names, out, prefix, title):
             print(top3(path, done[path], class_names))
         else:
             print(f"Error: {path}: {errors[path]}", file=sys.stderr)
-    if len(inputs):
-        figure = out / f"{prefix}_own_images.png"
-        plots.own_images_figure(inputs, names, probs, class_names, title, figure)
-        print(f"Wrote {figure}")
-    return 1 if errors else 0
+    return inputs, names, probs, 1 if errors else 0

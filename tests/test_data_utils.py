@@ -8,9 +8,11 @@ tests read the real MNIST and Fashion-MNIST files.
 import gzip
 import hashlib
 import os
+import signal
 import shutil
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -252,6 +254,28 @@ def test_script_prints_error_without_traceback(tmp_path, refused_url):
     assert r.returncode == 1
     assert r.stderr.startswith("Error: Could not download MNIST file")
     assert "Traceback" not in r.stderr
+
+
+def test_sigterm_during_a_download_leaves_no_part_file(server, tmp_path):
+    """A download that stalls half way, and SIGTERM meanwhile: one line, exit
+    143, and no hidden .part file in the data folder."""
+    body = b"\0" * 2_000_000
+    for name in GZ.values():
+        server.routes[f"/{name}"] = [stall(body, 60)]
+    env = dict(os.environ, MNIST_MIRRORS=server.url)
+    proc = subprocess.Popen([sys.executable, "data_utils.py", "--data-dir", str(tmp_path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    folder = tmp_path / "mnist"
+    deadline = time.monotonic() + 60
+    while not (folder.exists() and list(folder.glob(".*.part"))):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "Stopped (SIGTERM); nothing was written."
+    assert list(folder.iterdir()) == []
 
 
 # --- Verification and parsing --------------------------------------------------

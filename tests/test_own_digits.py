@@ -80,6 +80,32 @@ def test_transparent_png_is_drawn_on_white(tmp_path):
     assert x.max() > 0.9 and x[0, 0, 0] == 0                     # bright ink, dark background
 
 
+def test_a_16_bit_png_is_read_at_its_full_range(mnist_test, tmp_path):
+    """A 16-bit greyscale PNG (a scanner's, say): its ink is not clipped to
+    white; it becomes the same input as the 8-bit copy of the same image."""
+    _, (x_test, _) = mnist_test
+    digit = 1.0 - x_test[0, :, :, 0]                            # dark ink on light paper
+    sixteen, eight = tmp_path / "digit16.png", tmp_path / "digit8.png"
+    big = np.kron(digit, np.ones((4, 4)))
+    Image.fromarray((big * 65535).round().astype(np.uint16)).save(sixteen)
+    Image.fromarray((big * 255).round().astype(np.uint8)).save(eight)
+    assert Image.open(sixteen).mode.startswith("I")
+    gray16, gray8 = own_digits.load_gray(sixteen), own_digits.load_gray(eight)
+    assert gray16.min() < 0.05 and abs(float(gray16.mean()) - float(gray8.mean())) < 0.01
+    assert np.abs(own_digits.to_mnist(gray16) - own_digits.to_mnist(gray8)).max() < 0.02
+
+
+def test_a_large_image_is_refused_before_it_is_decoded(tmp_path):
+    """Over max_pixels: a PNG is refused from its header; a JPEG is decoded
+    at a fraction of its size instead."""
+    png, jpeg = tmp_path / "big.png", tmp_path / "big.jpg"
+    Image.new("L", (3000, 2000), 255).save(png)
+    Image.new("L", (3000, 2000), 255).save(jpeg)
+    with pytest.raises(own_digits.ImageError, match="more than 2 million"):
+        own_digits.load_gray(png, max_pixels=2_000_000)
+    assert own_digits.load_gray(jpeg, max_pixels=2_000_000).size <= 2_000_000
+
+
 def test_top3_line_format():
     probs = np.array([0.001, 0.012, 0, 0, 0, 0, 0, 0.981, 0, 0.006])
     assert own_digits.top3("digit.png", probs, [str(d) for d in range(10)]) == \

@@ -17,7 +17,7 @@ from conftest import REPO
 
 TWINS = ["keras", "numpy"]
 SCRIPT = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
-REPORT_KEYS = {"implementation", "dataset", "epochs", "batch_size", "learning_rate",
+REPORT_KEYS = {"implementation", "dataset", "network", "epochs", "batch_size", "learning_rate",
                "seed", "train_images", "params", "test_accuracy", "test_loss",
                "train_seconds", "epoch_seconds", "history"}
 
@@ -131,7 +131,7 @@ def bad_weights(tmp_path):
     (tmp_path / "text.npz").write_text("not a weights file")
     return {
         "missing_file": (tmp_path / "nope.npz", "Weights file not found"),
-        "not_npz": (tmp_path / "text.npz", "is not a readable .npz file"),
+        "not_npz": (tmp_path / "text.npz", "cannot be read as a weights file"),
         "wrong_shape": (write_npz(tmp_path / "shape.npz", **dict(good, **{key: np.zeros(wrong)})),
                         f"{key} has shape {wrong}, but this model's layer {layer} needs {shape}"),
         "missing_key": (write_npz(tmp_path / "key.npz",
