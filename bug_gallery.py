@@ -380,6 +380,23 @@ def fast_maxpool_ties_to_last(x):
     return np.maximum(top, bottom), (x.shape, winner)
 
 
+@mistake(speedup, "conv_pool_backward", "sends each window's gradient to its top-left corner",
+         "the four corners are four contiguous blocks now, and the first is the easy one to "
+         "write to; but only the corner that held the maximum made the output",
+         "fast_conv_pool", diagnosis="it sends every window's gradient to its top-left "
+         "corner; the winner (the corner that held the maximum) must get it")
+def fused_pool_to_top_left(dout, cache, need_dx=True):
+    x_shape, kernel, cols, winner, out = cache
+    N, H, W, C = x_shape
+    K, _, _, F = kernel.shape
+    P = N * ((H - K + 1) // 2) * ((W - K + 1) // 2)
+    dpool = dout.reshape(P, F) if out is None else dout.reshape(P, F) * (out > 0)
+    droutes = np.zeros((4, P, F), dout.dtype)
+    droutes[0] = dpool                                             # the mistake: always corner 0
+    dx = speedup.winograd_dx(droutes, kernel, x_shape) if need_dx and K == 3 else None
+    return dx, np.zeros_like(kernel), dpool.sum(axis=0)
+
+
 @mistake(speedup, "ShareOfBatch.backward", "lets each slice's gradient through unscaled",
          "each slice runs the lesson's own loss_and_grads, whose loss is the mean over "
          "its examples; the batch's mean counts each slice only by its share",

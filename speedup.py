@@ -19,20 +19,25 @@ MNIST_TWINS_FAST=0 leaves the lesson as it is.
 The ideas, each explained where it is used:
 1. Use every core (train_in_slices, _run). A matrix product spreads over the
    cores by itself, but NumPy's elementwise work (copying windows, ReLU,
-   max-pooling) runs on one, and it is about two thirds of a step. So each
-   core's thread takes a slice of the batch through the whole network, and
-   BLAS is held to one thread per slice. NumPy lets go of Python's lock
-   (the GIL) inside its operations, so the threads really run at once.
-2. Do less work: ReLU after max-pooling instead of before (4x fewer
-   numbers), no input gradient for the first layer (nothing uses it), the
-   bias folded into the convolution's matrix product.
-3. Touch memory less: ReLU in place; max-pool winners as one byte each;
-   the im2col matrix made again in the backward pass instead of kept (it is
-   up to 9 times its input, and would have left the CPU's caches); slices
-   small enough to stay in the caches; freed memory kept for the next batch
-   (keep_freed_memory).
-4. Keep the lock free: NumPy's @ holds the GIL for small results, np.dot
-   does not (conv2d_backward).
+   max-pooling) runs on one. So each core's thread takes a slice of the
+   batch through the whole network, and BLAS is held to one thread per
+   slice. NumPy lets go of Python's lock (the GIL) inside its operations,
+   so the threads really run at once.
+2. Fuse what follows each other: a convolution, its ReLU and the 2 x 2
+   max-pooling after it are one layer (conv_pool_forward), with im2col's
+   rows in pooling-window order, so the pooling compares four contiguous
+   blocks and the full feature map is never made; the ReLU runs after the
+   pooling, on four times fewer numbers.
+3. Do fewer multiplications: the pooled layer's input gradient by
+   Winograd's F(2 x 2, 3 x 3) (winograd_dx: 16 products for each window
+   instead of 36), no input gradient for the first layer (nothing uses it),
+   outputs the pooling drops never computed.
+4. Touch memory less: ReLU in place; max-pool winners as one byte each;
+   freed memory kept for the next batch (keep_freed_memory).
+5. Keep the lock free: NumPy's @ holds the GIL for small results, np.dot
+   does not (conv2d_backward, conv_pool_backward).
+What each buys, and where the time goes: docs/speed.md, from
+benchmarks/benchmark.py and benchmarks/layers.py.
 """
 
 import copy
@@ -47,7 +52,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 # Examples per slice (see slices), and the fewest worth a slice of their own.
-SLICE = 32
+SLICE = 64
 MIN_SLICE = 16
 _POOLS = {}
 _BLAS = []
@@ -92,11 +97,10 @@ def slices(n, threads, size=None):
     """Cut a batch of n into slices of about `size` examples (default SLICE,
     at least MIN_SLICE), as many for each of the `threads` threads.
 
-    Why slices of 32, not one slice per core: a slice's feature maps, im2col
-    matrix and gradients are what its core reads and writes over and over;
-    for 32 images they are half as big as for 64 and more of them are still
-    in the CPU's caches when the next operation needs them (two slices of 32
-    one after the other took 9% less time than one of 64; benchmarks/README.md).
+    The size is measured, not reasoned: smaller slices keep more of their
+    arrays in the CPU's caches, larger ones make each matrix product and
+    NumPy call do more at a time. With the fused layers, a batch of 128 as
+    two slices of 64 was the fastest (docs/speed.md has the measurement).
     """
     count = threads * max(1, round(n / (threads * (size or SLICE))))
     cuts = np.linspace(0, n, min(count, n // MIN_SLICE) + 1).astype(int)
@@ -178,9 +182,9 @@ def fast_copies(layers, parts, training, x=None):
         if hasattr(layers_s[0], "first"):
             layers_s[0].first = True          # its input gradient is never needed
         for layer, after in zip(layers_s, layers_s[1:]):
-            if getattr(layer, "activation", None) == "relu" and hasattr(layer, "relu_later") \
-                    and getattr(after, "pool_size", None) == 2 and hasattr(after, "relu_here"):
-                layer.relu_later = after.relu_here = True
+            if hasattr(layer, "pooled") and getattr(after, "pool_size", None) == 2 \
+                    and hasattr(after, "in_conv") and layer.activation in (None, "relu"):
+                layer.pooled = after.in_conv = True      # one layer does both: FastConv2D
     sums = []
     for i, layer in enumerate(layers):
         if training and hasattr(layer, "rate"):              # Dropout: the batch's draws
@@ -313,30 +317,42 @@ class InPlaceReLU:
     """Drop-in for Layer.activate / activate_backward: ReLU overwrites the
     array it is given instead of making a new one. Safe because that array
     is fresh and read by nothing else: forward, the layer's own product;
-    backward, the next layer's new input gradient. relu_later: the ReLU
-    moves to the max-pooling after this layer (FastMaxPooling2D)."""
-    first = relu_later = False
+    backward, the next layer's new input gradient."""
+    first = False
 
     def activate(self, out):
-        if self.activation == "relu" and not self.relu_later:
+        if self.activation == "relu":
             self.relu_cache = np.maximum(out, 0, out=out)
         return out
 
     def activate_backward(self, dout):
-        if self.activation == "relu" and not self.relu_later:
+        if self.activation == "relu":
             return np.multiply(dout, self.relu_cache > 0, out=dout)
         return dout
 
 
 class FastConv2D(InPlaceReLU):
     """Drop-in for Conv2D.forward / backward: the fast conv2d pair below, no
-    dx for the network's first layer (first: nothing before it learns)."""
+    dx for the network's first layer (first: nothing before it learns).
+    pooled: a MaxPooling2D(2) follows, and this layer does both, ReLU and
+    pooling included (conv_pool_forward); the pooling layer then passes
+    its input through."""
+    pooled = False
 
     def forward(self, x, training=False):
+        if self.pooled:
+            out, self.cache = conv_pool_forward(x, self.kernel, self.bias,
+                                                self.activation == "relu", training)
+            self.relu_cache = out                 # (what the checks read of the kinks)
+            return out
         out, self.cache = conv2d_forward(x, self.kernel, self.bias)
         return self.activate(out)
 
     def backward(self, dout):
+        if self.pooled:
+            dx, self.dkernel, self.dbias = conv_pool_backward(dout, self.cache,
+                                                              need_dx=not self.first)
+            return dx
         dx, self.dkernel, self.dbias = conv2d_backward(self.activate_backward(dout),
                                                        self.cache, need_dx=not self.first)
         return dx
@@ -348,28 +364,23 @@ class FastDense(InPlaceReLU):
 
 class FastMaxPooling2D:
     """Drop-in for MaxPooling2D.forward / backward, for 2 x 2 windows (the
-    fast pair below). relu_here: the previous Conv2D's ReLU runs here,
-    after the pooling. ReLU never changes which of two numbers is larger,
-    so the largest of four ReLU outputs is the ReLU of the largest input:
-        max(relu(a), relu(b), relu(c), relu(d)) = relu(max(a, b, c, d)),
-    on an output four times smaller. The gradients agree too: where the
-    window's maximum is positive, both orders send the gradient to the
-    first input holding it; where it is not, ReLU stops it either way."""
-    relu_here = False
+    fast pair below). in_conv: the Conv2D before it pools too (FastConv2D),
+    so this layer passes everything through."""
+    in_conv = False
 
     def forward(self, x, training=False):
+        if self.in_conv:
+            return x
         if self.pool_size != 2:
             return super().forward(x, training)
         out, self.cache = maxpool2d_forward(x)
-        if self.relu_here:
-            self.relu_cache = np.maximum(out, 0, out=out)
         return out
 
     def backward(self, dout):
+        if self.in_conv:
+            return dout
         if self.pool_size != 2:
             return super().backward(dout)
-        if self.relu_here:
-            dout = np.multiply(dout, self.relu_cache > 0, out=dout)
         return maxpool2d_backward(dout, self.cache)
 
 
@@ -481,6 +492,168 @@ def conv2d_backward(dout, cache, need_dx=True):
         for b in range(K):
             dx[:, a:a + Ho, b:b + Wo, :] += (dout2d @ kernel_t[a, b]).reshape(N, Ho, Wo, C)
     return dx, dkernel, dbias
+
+
+CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))     # a 2 x 2 window's positions, reading order
+
+
+def conv_pool_forward(x, kernel, bias, relu, training=True):
+    """Drop-in for the lesson's Conv2D (with its ReLU, if relu) and the
+    MaxPooling2D(2) after it, in one: conv2d_forward, relu_forward and
+    maxpool2d_forward.
+
+    x: (N, H, W, C) -> out: (N, H'', W'', F), H'' = (H - K + 1) // 2.
+    The trick: im2col with its rows in pooling-window order. All windows'
+    top-left outputs come first, then all top-right ones, and so on, so the
+    one matrix product gives the four corners of every pooling window as
+    four contiguous blocks, and the max-pool is an elementwise maximum of
+    four contiguous arrays, not of four strided views of a big feature map
+    (which never exists). Outputs the pooling drops (an odd last row or
+    column) are not computed at all. Pooling before the ReLU and the bias
+    (the same for all four corners) changes no number: ReLU keeps the order
+    of numbers, so relu(max(a, b, c, d)) = max(relu(a), ..., relu(d)), on
+    an array four times smaller. Ties go to the first corner, as in the
+    lesson: the product computes equal windows' outputs equally.
+    """
+    N, H, W, C = x.shape
+    K, _, _, F = kernel.shape
+    T, S = (H - K + 1) // 2, (W - K + 1) // 2                 # pooled height and width
+    P = N * T * S
+    if C == 1:
+        # One input channel (the first layer): K*K shifted images for each
+        # corner, each copied whole into its own row of cols ("tap-major",
+        # (corner, a b, window)); the product reads cols transposed.
+        cols = np.empty((4, K * K, N, T, S), x.dtype)
+        for k, (u, v) in enumerate(CORNERS):
+            for a in range(K):
+                for b in range(K):
+                    cols[k, a * K + b] = x[:, u + a:u + a + 2 * T:2, v + b:v + b + 2 * S:2, 0]
+        corners = np.matmul(cols.reshape(4, K * K, P).transpose(0, 2, 1),
+                            kernel.reshape(K * K, F))                      # (4, P, F)
+    else:
+        cols = np.empty((4, N, T, S, K * K * C), x.dtype)      # (corner, window, a b c)
+        windows = sliding_window_view(x, (K, K), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+        for k, (u, v) in enumerate(CORNERS):                  # (N, H', W', K, K, C) views
+            cols[k].reshape(N, T, S, K, K, C)[...] = windows[:, u:u + 2 * T:2, v:v + 2 * S:2]
+        corners = (cols.reshape(4 * P, -1) @ kernel.reshape(K * K * C, F)).reshape(4, P, F)
+    tl, tr, bl, br = corners
+    top, bottom = np.maximum(tl, tr), np.maximum(bl, br)
+    winner = None
+    if training:                    # which corner won matters only to a backward pass
+        down = bottom > top                                   # ties: the first, as maxpool2d
+        right = (down & (br > bl)) | (~down & (tr > tl))
+        winner = 2 * down.view(np.uint8) + right.view(np.uint8)   # (P, F) in 0..3
+    out = np.maximum(top, bottom, out=top)
+    out += bias
+    if relu:
+        np.maximum(out, 0, out=out)
+    return out.reshape(N, T, S, F), (x.shape, kernel, cols, winner, out if relu else None)
+
+
+def conv_pool_backward(dout, cache, need_dx=True):
+    """Drop-in for the backward passes of conv_pool_forward's layers:
+    maxpool2d_backward, relu_backward and conv2d_backward, in one.
+    dout: (N, H'', W'', F) -> dx (None if not need_dx), dkernel, dbias.
+    Each output's gradient goes to its window's winning corner block (four
+    contiguous arrays), then one product gives dkernel from the corners'
+    cols; dx comes from Winograd's algorithm run backward (winograd_dx) for
+    a 3 x 3 kernel, else from every window's share (one product), added back
+    onto the image corner by corner (col2im)."""
+    x_shape, kernel, cols, winner, out = cache
+    N, H, W, C = x_shape
+    K, _, _, F = kernel.shape
+    T, S = (H - K + 1) // 2, (W - K + 1) // 2
+    P = N * T * S
+    dpool = dout.reshape(P, F) if out is None else dout.reshape(P, F) * (out > 0)
+    droutes = np.empty((4, P, F), dout.dtype)
+    for k in range(4):
+        np.multiply(dpool, winner == k, out=droutes[k])
+    if C == 1:                                                # tap-major cols (forward)
+        dkernel = sum(np.dot(cols[k].reshape(K * K, P), droutes[k]) for k in range(4))
+    else:                                     # np.dot, not @: GIL-free (conv2d_backward)
+        dkernel = np.dot(cols.reshape(4 * P, -1).T, droutes.reshape(4 * P, F))
+    dkernel = dkernel.reshape(K, K, C, F)
+    droutes = droutes.reshape(4 * P, F)
+    dbias = dpool.sum(axis=0)
+    if not need_dx:
+        return None, dkernel, dbias
+    if K == 3:
+        return winograd_dx(droutes.reshape(4, P, F), kernel, x_shape), dkernel, dbias
+    dcols = (droutes @ kernel.reshape(K * K * C, F).T).reshape(4, N, T, S, K, K, C)
+    dx = np.zeros(x_shape, dout.dtype)
+    for k, (u, v) in enumerate(CORNERS):
+        for a in range(K):
+            for b in range(K):
+                dx[:, u + a:u + a + 2 * T:2, v + b:v + b + 2 * S:2, :] += dcols[k, :, :, :, a, b, :]
+    return dx, dkernel, dbias
+
+
+# Winograd's minimal filtering F(2 x 2, 3 x 3), as cuDNN and oneDNN use it: the 2 x 2
+# outputs of a 3 x 3 convolution over one 4 x 4 input tile d take 16 multiplications
+# instead of 36, Y = A^T [(G g G^T) * (B^T d B)] A (Lavin and Gray, 2015), with
+#     B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+#     G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
+#     A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+# Its 2 x 2 output tile is exactly a 2 x 2 pooling window. Run backward, it gives dx:
+# the transposes of A^T, the 16 products and B^T, in that order. (Forward, its
+# transforms cost this twin more than the products they save; measured in
+# docs/speed.md.)
+WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+WINOGRAD_K16 = np.kron(WINOGRAD_G, WINOGRAD_G)            # (16, 9): g (3x3) -> G g G^T
+
+
+def _tile_transform_back(dV, x_shape, T, S):
+    """The transpose of d -> B^T d B for every 4 x 4 tile of the image
+    (tiles start every 2 pixels and overlap by 2): each tile position's
+    gradient dV[i][j] (N, T, S, C) added back onto the image, columns first
+    (B's rows), then rows."""
+    N, H, W, C = x_shape
+    dx = np.zeros(x_shape, dV[0][0].dtype)
+    for i, rows in enumerate(((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))):
+        v0, v1, v2, v3 = dV[i]
+        dt = np.zeros((N, T, W, C), v0.dtype)                   # d(row combination i)
+        dt[:, :, 0:2 * S:2] += v0                               # the columns of B^T:
+        column = np.subtract(v1, v2)                            # (1, 0, 0, 0), (0, 1, -1, 1),
+        column += v3                                            # (-1, 1, 1, 0), (0, 0, 0, -1)
+        dt[:, :, 1:1 + 2 * S:2] += column
+        np.add(v1, v2, out=column)
+        column -= v0
+        dt[:, :, 2:2 + 2 * S:2] += column
+        dt[:, :, 3:3 + 2 * S:2] -= v3
+        for r, sign in enumerate(rows):                         # row combination i of B^T
+            target = dx[:, r:r + 2 * T:2]
+            if sign > 0:
+                target += dt
+            elif sign < 0:
+                target -= dt
+    return dx
+
+
+def winograd_dx(droutes, kernel, x_shape):
+    """The input gradient of a 3 x 3 convolution pooled 2 x 2, from the
+    corners' gradients (4, P, F), by Winograd's F(2 x 2, 3 x 3) run
+    backward: 16 products (P x F) @ (F x C) and additions, where col2im
+    would need one product of 2.25 times the size and 36 scattered sums.
+    The 16 tile positions' gradients are A's transpose applied to the
+    corners', dM[i][j] = s * (e_i[j] +- e_i'[j]); each sign s rides on the
+    transformed kernel, and no (16, P, F) array is made."""
+    N, H, W, C = x_shape
+    F = kernel.shape[3]
+    T, S = (H - 2) // 2, (W - 2) // 2
+    U = (WINOGRAD_K16.astype(kernel.dtype) @ kernel.reshape(9, C * F)).reshape(4, 4, C, F)
+    tl, tr, bl, br = droutes
+    # e[a][j] = sum_b A[j][b] dY[a][b], A = [[1, 0], [1, 1], [1, -1], [0, -1]] (sign of
+    # the last apart), for the top (a = 0) and the bottom (a = 1) row of corners.
+    e = [(tl, tl + tr, tl - tr, tr), (bl, bl + br, bl - br, br)]
+    signs = (1, 1, 1, -1)
+    dV = [[None] * 4 for _ in range(4)]
+    for j in range(4):
+        top, bottom, s = e[0][j], e[1][j], signs[j]
+        for i, dm, sign in ((0, top, s), (1, top + bottom, s), (2, top - bottom, s),
+                            (3, bottom, -s)):
+            Ut = U[i, j].T if sign > 0 else -U[i, j].T
+            dV[i][j] = (dm @ Ut).reshape(N, T, S, C)
+    return _tile_transform_back(dV, x_shape, T, S)
 
 
 def maxpool2d_forward(x):

@@ -735,33 +735,51 @@ def check_fast_maxpool2d():
                 patterns=[(tie_mask(x), TIES)])
 
 
-@check("speedup.InPlaceReLU", "speedup.FastMaxPooling2D")
-def check_fast_relu():
-    """Conv2D(relu) then MaxPooling2D as the slices run them (ReLU in place,
-    and moved after the pooling) against the lesson's layers: the output,
-    the input gradient and the kernel's, on inputs where many units are off."""
-    rng = _rng()
-    layers = [nt.Conv2D(4, 3, activation="relu"), nt.MaxPooling2D(2), nt.Flatten()]
-    shape = (7, 7, 2)
+def _conv_pool_pair(x_shape, C, K, rng):
+    """A lesson Conv2D(relu) and MaxPooling2D(2), built, with random weights
+    and a bias that turns many units off."""
+    layers = [nt.Conv2D(4, K, activation="relu"), nt.MaxPooling2D(2)]
+    shape = x_shape[1:]
     for layer in layers:
         shape = layer.output_shape = layer.build(shape, DTYPE)
     layers[0].kernel[...] = rng.normal(size=layers[0].kernel.shape)
-    layers[0].bias[...] = rng.normal(size=4) - 0.5           # many units off
-    x, dout = rng.normal(size=(3, 7, 7, 2)), rng.normal(size=(3, int(np.prod(shape))))
-    (fast,), _ = speedup.fast_copies(layers, [slice(0, 3)], training=False)
-    fast[0].first = False
-    if not (fast[0].relu_later and fast[1].relu_here):
-        raise CheckFailed("speedup.fast_copies: the conv layer's ReLU was not moved after "
-                          "the max-pooling")
-    out = nt.forward(layers, x, training=True)
-    compare("speedup: Conv2D(relu) then MaxPooling2D, ReLU after the pooling: out",
-            nt.forward(fast, x, training=True), out, tol=FAST_TOL)
-    want = [layers[0].backward(layers[1].backward(layers[2].backward(dout))),
-            layers[0].dkernel]
-    got = [fast[0].backward(fast[1].backward(fast[2].backward(dout.copy()))), fast[0].dkernel]
-    for name_, g, w in zip(("dx", "dkernel"), got, want):
-        compare(f"speedup: Conv2D(relu) then MaxPooling2D, ReLU after the pooling: {name_}",
-                g, w, tol=FAST_TOL)
+    layers[0].bias[...] = rng.normal(size=4) - 0.5
+    return layers
+
+
+@check("speedup.conv_pool_forward", "speedup.conv_pool_backward", "speedup.winograd_dx",
+       "speedup.InPlaceReLU", "speedup.FastConv2D", "speedup.FastMaxPooling2D")
+def check_fast_conv_pool():
+    """Conv2D(relu) then MaxPooling2D(2), as one layer of the slices (im2col
+    in pooling-window order, the ReLU after the pooling, dx by Winograd for
+    3 x 3 kernels, col2im for others) against the lesson's two layers: the
+    output, dx, dkernel and dbias, to FAST_TOL, for one and for three input
+    channels, odd and even sizes, and an image with flat regions (where the
+    four corners of a window tie, and the first must win, as in the lesson)."""
+    rng = _rng()
+    for x_shape, K in (((2, 9, 8, 3), 3), ((2, 10, 11, 1), 3), ((2, 8, 8, 2), 2),
+                       ((2, 12, 12, 3), 3)):
+        x = rng.normal(size=x_shape)
+        if x_shape[1] == 12:
+            x[:, 2:10, 1:9] = 0.5                                    # flat: ties everywhere
+        layers = _conv_pool_pair(x_shape, x_shape[3], K, rng)
+        ((conv, pool),), _ = speedup.fast_copies(layers, [slice(0, 2)], training=True)
+        conv.first = False
+        if not (conv.pooled and pool.in_conv):
+            raise CheckFailed("speedup.fast_copies: a Conv2D followed by MaxPooling2D(2) "
+                              "should become one layer (pooled)")
+        where = f"speedup.conv_pool (x {x_shape}, {K} x {K} kernel)"
+        out = nt.forward(layers, x, training=True)
+        compare(f"{where}: out", nt.forward([conv, pool], x, training=True), out, tol=FAST_TOL)
+        dout = rng.normal(size=out.shape)
+        want = [layers[0].backward(layers[1].backward(dout)), layers[0].dkernel,
+                layers[0].dbias]
+        got = [conv.backward(pool.backward(dout.copy())), conv.dkernel, conv.dbias]
+        others = mistakes_like("speedup.conv_pool_backward", lambda f: f(dout, conv.cache)[0])
+        patterns = {"dx": [(overlap_mask(x_shape, K), OVERLAP)]}
+        for name_, g, w in zip(("dx", "dkernel", "dbias"), got, want):
+            compare(f"{where}: {name_}", g, w, tol=FAST_TOL, patterns=patterns.get(name_, ()),
+                    lookalikes=others if name_ == "dx" else ())
 
 
 def _fast_model(dtype, layers=None, seed=5):
