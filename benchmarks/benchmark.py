@@ -31,7 +31,6 @@ SkylakeX, ...) forces those. TensorFlow has its own kernels either way.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,8 +42,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import common  # noqa: E402
+from machine import blas_info, child_environment, machine  # noqa: E402,F401
 import data_utils  # noqa: E402
 import mnist_cnn_numpy  # noqa: E402
 
@@ -98,42 +99,6 @@ def _matmul_gflops(repeats=20):
     return rates
 
 
-def blas_info(kernels="as-set"):
-    """Which BLAS library NumPy uses and which of its CPU kernels, in a child
-    process with the twins' environment (OpenBLAS picks kernels by CPU
-    model when it loads; OPENBLAS_CORETYPE overrides it)."""
-    code = ("import json, numpy; from threadpoolctl import threadpool_info; print(json.dumps("
-            "[{k: lib.get(k) for k in ('internal_api', 'version', 'architecture', "
-            "'num_threads')} for lib in threadpool_info() if lib.get('user_api') == 'blas']))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=child_environment(kernels), check=True)
-    return json.loads(result.stdout)
-
-
-def cpu_model():
-    """The CPU's model name as the kernel reports it, with its family and model
-    numbers (a virtual machine may hide the exact name)."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family')}, "
-            f"model {fields.get('model')}, {os.cpu_count()} cores"
-            + (", AVX-512" if "avx512f" in fields.get("flags", "") else "") + ")")
-
-
-def child_environment(kernels):
-    env = dict(os.environ)
-    if kernels == "cpu":
-        env.pop("OPENBLAS_CORETYPE", None)
-    elif kernels != "as-set":
-        env["OPENBLAS_CORETYPE"] = kernels
-    return env
-
-
 def run_twin(twin, args, out, epochs=None, lesson_alone=False):
     """Train one twin in a child process; return its report, its peak memory
     (MB) and its CPU seconds (user + system). lesson_alone: the NumPy twin
@@ -175,7 +140,8 @@ def main(argv=None):
                    help="as-set, cpu, or a kernel name such as Haswell or SkylakeX")
     p.add_argument("--train-limit", type=common._positive(int), default=None, metavar="N")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default="results", help="folder for benchmark.json")
+    p.add_argument("--out", default="results", help="folder for the results file")
+    p.add_argument("--name", default="benchmark", help="the results file: --out/NAME.json")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.epochs, args.train_limit = 1, 2, args.train_limit or 300
@@ -217,10 +183,7 @@ def main(argv=None):
     peak = max(matmul.values())
     images = reports["numpy"]["train_images"]
     val_images = data_utils.VALIDATION_SIZE           # validated every epoch
-    results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                           "python": platform.python_version(), "numpy": np.__version__,
-                           "blas": blas_info(args.blas_kernels),
-                           "blas_kernels_asked": args.blas_kernels},
+    results = {"machine": machine(args.blas_kernels),
                "settings": {"train_images": images, "batch_size": reports["numpy"]["batch_size"],
                             "epochs_per_run": args.epochs, "rounds": args.rounds},
                "matmul_gflops": matmul}
@@ -280,7 +243,7 @@ def main(argv=None):
     if lesson:
         print(f"The lesson alone (MNIST_TWINS_FAST=0): fastest epoch {min(lesson):.2f} s; "
               f"speedup.py makes it {results['speedup_buys']:.2f}x faster")
-    path = out / "benchmark.json"
+    path = out / f"{args.name}.json"
     common.write_report(path, results)
     print(f"Wrote {path}")
     return 0

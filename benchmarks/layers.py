@@ -31,6 +31,9 @@ import data_utils  # noqa: E402
 import mnist_cnn_numpy as nt  # noqa: E402
 import speedup  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 
 def fastest(fn, repeats):
     """The fastest of `repeats` runs of fn(), in milliseconds (after one warm-up)."""
@@ -190,24 +193,52 @@ def table(numpy, keras):
     return "\n".join(lines)
 
 
+def slice_sizes(x, y, sizes, repeats):
+    """{slice size: ms} for a whole training step of the fast path (the
+    batch in slices of about that many images, on one thread per core)."""
+    model, found = nt.build_model(seed=0), {}
+    saved = speedup.SLICE
+    try:
+        for size in sizes:
+            speedup.SLICE = size
+            found[size] = fastest(lambda: speedup.train_in_slices(nt, model.layers, x, y),
+                                  repeats)
+    finally:
+        speedup.SLICE = saved
+    return found
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=common.HelpWithDefaults)
     p.add_argument("--repeats", type=common._positive(int), default=30,
                    help="runs of each measurement; the fastest is kept")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the figures to DIR/NAME.json, with the machine's")
+    p.add_argument("--name", default="layers", help="the results file's name")
     args = p.parse_args(argv)
     (x, y), _ = data_utils.load_dataset("mnist", args.data_dir, progress=False)
     x, y = x[:128], y[:128]
     speedup.keep_freed_memory()                 # as training does (switched_on)
-    from threadpoolctl import threadpool_info
-    kernels = ", ".join(f"{lib['internal_api']} {lib.get('architecture')}"
-                        for lib in threadpool_info() if lib["user_api"] == "blas")
+    about = machine.machine()
     print(f"Timing each layer for a batch of {len(x)}, fastest of {args.repeats} runs "
-          f"(BLAS: {kernels}; choose others with OPENBLAS_CORETYPE)...", flush=True)
+          f"(BLAS: {about['blas_kernels']} kernels; choose others with OPENBLAS_CORETYPE)...",
+          flush=True)
     numpy = numpy_times(x, y, args.repeats)
     keras = keras_times(x, y, args.repeats)
     print(table(numpy, keras))
+    sizes = slice_sizes(x, y, (16, 32, 64), args.repeats)
+    print("Whole step by slice size (fast path): "
+          + ", ".join(f"{size} images {ms:.2f} ms" for size, ms in sizes.items()))
+    if args.out:
+        path = common.prepare_out_dir(args.out) / f"{args.name}.json"
+        common.write_report(path, {
+            "machine": about, "batch": len(x), "repeats": args.repeats,
+            "rows": [{"layer": name, "pass": part, "numpy_ms": ms,
+                      "keras_ms": keras.get((name, part))} for (name, part), ms in numpy.items()],
+            "slice_sizes_ms": {str(k): v for k, v in sizes.items()}})
+        print(f"Wrote {path}")
     return 0
 
 

@@ -51,7 +51,7 @@ def prediction_grid(images, labels, probs, class_names, title, path, n=36):
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, i in zip(np.ravel(axes), order):
-        ax.imshow(images[i].squeeze(), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
         ok = predicted[i] == labels[i]
         text = f"{class_names[predicted[i]]} ({100 * probs[i].max():.0f}%)"
         if not ok:
@@ -65,7 +65,9 @@ def prediction_grid(images, labels, probs, class_names, title, path, n=36):
             ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{title}: predictions (mistakes in red)")
+    fig.suptitle(f"{title}: {len(wrong)} of the test set's mistakes (in red), then its first "
+                 f"{len(right)} right answers\n(each image as the network sees it: bright ink "
+                 "on black)", fontsize=10)
     _save(fig, path)
 
 
@@ -130,13 +132,14 @@ def feature_maps_figure(image, activations, title, path, channels=12):
     for row, (name, maps) in zip(axes, activations):
         for ax in row:
             ax.axis("off")
-        row[0].imshow(image.squeeze(), cmap="gray_r")
+        row[0].imshow(image.squeeze(), cmap="gray")
         row[0].set_title("input" if name == activations[0][0] else "", fontsize=7)
         row[1].set_title(f"{name} {maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]}",
                          fontsize=7, loc="left")
         for c, ax in enumerate(row[1:]):
             ax.imshow(maps[:, :, c], cmap="viridis")
-    fig.suptitle(f"{title}: feature maps of one test image (first {channels} channels)")
+    fig.suptitle(f"{title}: feature maps of one test image (first {channels} channels; "
+                 "the input as the network sees it)")
     _save(fig, path)
 
 
@@ -151,12 +154,13 @@ def confident_mistakes_figure(images, labels, probs, class_names, title, path, n
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, i in zip(np.ravel(axes), wrong):
-        ax.imshow(images[i].squeeze(), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{class_names[predicted[i]]} {100 * probs[i, predicted[i]]:.0f}%\n"
                      f"true: {class_names[labels[i]]}", fontsize=8, color="red")
     if not len(wrong):
         np.ravel(axes)[0].set_title("no mistakes", fontsize=9)
-    fig.suptitle(f"{title}: the most confident mistakes")
+    fig.suptitle(f"{title}: the most confident mistakes (as the network sees them: bright "
+                 "ink on black)")
     _save(fig, path)
 
 
@@ -166,7 +170,7 @@ def own_images_figure(inputs, names, probs, class_names, title, path):
     fig, axes = plt.subplots(rows, 2, figsize=(7, 1.7 * rows), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 2.5]})
     for (ax_img, ax_bar), image, name, p in zip(axes, inputs, names, probs):
-        ax_img.imshow(image.squeeze(), cmap="gray_r", vmin=0, vmax=1)
+        ax_img.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
         ax_img.set_xticks([])
         ax_img.set_yticks([])
         ax_img.set_title(name.split("/")[-1], fontsize=8)
@@ -176,7 +180,8 @@ def own_images_figure(inputs, names, probs, class_names, title, path):
                           rotation=45 if max(map(len, class_names)) > 2 else 0)
         ax_bar.set_ylim(0, 1)
         ax_bar.set_ylabel("probability", fontsize=8)
-    fig.suptitle(f"{title}: your images, as the network sees them")
+    fig.suptitle(f"{title}: your images, as the network sees them (bright ink on black, "
+                 "28 x 28)")
     fig.tight_layout()
     _save(fig, path)
 

@@ -119,49 +119,6 @@ def describe(diffs):
                      for name, d, pairs in sorted(diffs, key=lambda t: -t[1]))
 
 
-def keras_gradients(keras_model, grads):
-    """Keras's gradients as {"conv1/kernel": array, ...}."""
-    by_variable = {id(v): g for v, g in zip(keras_model.trainable_variables, grads)}
-    return {f"{layer.name}/{w.name}": by_variable[id(w)]
-            for layer in keras_model.layers for w in layer.trainable_weights}
-
-
-def keras_loss_and_grads(model, x, y, masks=None):
-    """Keras's loss (mean cross-entropy), probabilities and gradients for one
-    batch, in the model's dtype, run as a TensorFlow graph as in model.fit.
-
-    masks=None: inference, dropout off. masks={"dropout": array (N, units),
-    ...}: training mode, with these dropout masks instead of ones Keras
-    draws itself: at each Dropout layer the activations are multiplied by its
-    mask, which is what keras.layers.Dropout does with the mask it draws (0
-    for a dropped unit, 1 / (1 - rate) for a kept one). That lets both twins
-    use the same mask; masks={} is training mode for a network whose dropout
-    rate is 0. In training mode BatchNormalization uses the batch's
-    statistics; the moving statistics it updates on the way are put back, so
-    that only a training step moves them.
-    """
-    import tensorflow as tf
-
-    if not hasattr(model, "_loss_and_grads"):
-        @tf.function
-        def loss_and_grads(x, y, masks, training):
-            with tf.GradientTape() as tape:
-                out = x
-                for layer in model.layers:
-                    if layer.name in masks:
-                        out = out * masks[layer.name]
-                    else:
-                        out = layer(out, training=training)
-                loss = model.loss(y, out)
-            return out, loss, tape.gradient(loss, model.trainable_variables)
-        model._loss_and_grads = loss_and_grads
-    kept = [(v, v.numpy()) for v in model.non_trainable_variables]
-    probs, loss, grads = model._loss_and_grads(x, y, masks or {}, masks is not None)
-    for variable, value in kept:
-        variable.assign(value)
-    return probs.numpy(), float(loss), [g.numpy() for g in grads]
-
-
 def keras_state(model):
     """The weights a model keeps but does not learn (BatchNormalization's
     moving statistics), as {"bn1/moving_mean": array, ...}."""
@@ -191,7 +148,8 @@ def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype,
                                                     np.random.default_rng(99), dtype)
                 layer.rng = np.random.default_rng(99)        # it draws that same mask
         assert masks and all(np.any(m == 0) for m in masks.values())   # some units dropped
-    probs, loss, grads = keras_loss_and_grads(keras_model, x, y, masks if dropout else {})
+    probs, loss, grads = compare.keras_loss_and_grads(keras_model, x, y,
+                                                      masks if dropout else {})
     n_loss, n_probs = nt.loss_and_grads(numpy_model.layers, x, y)
     if dropout:
         for layer in numpy_model.layers:
@@ -201,7 +159,7 @@ def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype,
     forward_tol = BN_FLOAT32_TOL["forward"] if bn else FORWARD_TOL[dtype]
     assert np.max(np.abs(n_probs - probs)) < forward_tol
     assert abs(float(n_loss) - float(loss)) < forward_tol
-    theirs = keras_gradients(keras_model, grads)
+    theirs = compare.keras_gradients(keras_model, grads)
     diffs = []
     for key, _, mine in numpy_model.trainable_weights():
         assert mine.shape == theirs[key].shape, key

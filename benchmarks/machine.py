@@ -1,0 +1,68 @@
+"""What a measurement was measured on: the CPU, the BLAS library and its
+kernels, the versions of Python, NumPy, TensorFlow and Keras, and the date.
+Every results file the docs quote carries this (benchmarks/*.py write it)."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+
+def cpu_model():
+    """The CPU's model name as the kernel reports it, with its family and model
+    numbers (a virtual machine may hide the exact name)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family')}, "
+            f"model {fields.get('model')}, {os.cpu_count()} cores"
+            + (", AVX-512" if "avx512f" in fields.get("flags", "") else "") + ")")
+
+
+def child_environment(kernels):
+    """The environment for a child process with these OpenBLAS kernels:
+    "as-set" leaves it alone, "cpu" lets OpenBLAS pick for the CPU, a name
+    (Haswell, SkylakeX, ...) forces those."""
+    env = dict(os.environ)
+    if kernels == "cpu":
+        env.pop("OPENBLAS_CORETYPE", None)
+    elif kernels != "as-set":
+        env["OPENBLAS_CORETYPE"] = kernels
+    return env
+
+
+def blas_info(kernels="as-set"):
+    """Which BLAS library NumPy uses and which of its CPU kernels, in a child
+    process with that environment (OpenBLAS picks kernels by CPU model when
+    it loads; OPENBLAS_CORETYPE overrides it)."""
+    code = ("import json, numpy; from threadpoolctl import threadpool_info; print(json.dumps("
+            "[{k: lib.get(k) for k in ('internal_api', 'version', 'architecture', "
+            "'num_threads')} for lib in threadpool_info() if lib.get('user_api') == 'blas']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=child_environment(kernels), check=True)
+    return json.loads(result.stdout)
+
+
+def _version(package):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine(kernels="as-set"):
+    """{"cpu", "cores", "blas", "python", "numpy", "tensorflow", "keras", "date"}."""
+    blas = blas_info(kernels)
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "blas": blas, "blas_kernels": ", ".join(b["architecture"] for b in blas),
+            "blas_kernels_asked": kernels, "python": platform.python_version(),
+            "numpy": _version("numpy"), "tensorflow": _version("tensorflow"),
+            "keras": _version("keras"), "date": time.strftime("%Y-%m-%d")}
