@@ -3,7 +3,7 @@
 The default network has no batch normalization; this file shows what
 adding a layer to the NumPy twin takes: its math as a function pair with a
 loop reference below it, and a Keras-named class that holds its weights.
-To add it after conv1 and after dense1 (README: "Adding batch
+To add it after conv1 and after dense1 (docs/change.md: "Adding batch
 normalization"), in mnist_cnn_numpy.py import it,
 
     from batchnorm import BatchNormalization

@@ -16,7 +16,7 @@ replaces, and its mistakes are caught and named the same way.
 
 This list is the one table of mistakes: the checks (helpers/checks.py) name
 a result by the mistake it equals (its `diagnosis`), exercises.py's tests
-paste each mistake into a workbook, and the README's table is printed from it.
+paste each mistake into a workbook, and docs/practise.md's table is printed from it.
 
 Running it plants each mistake in turn (swapped into the imported module;
 the files are never touched), runs the checks, and prints which check
@@ -445,7 +445,7 @@ def run():
 
 
 def markdown_table(rows):
-    """The gallery as a Markdown table (the README's)."""
+    """The gallery as a Markdown table (docs/practise.md's)."""
     lines = ["| # | the mistake | caught by | what the check says |", "| --- | --- | --- | --- |"]
     for i, (m, check, message) in enumerate(rows, start=1):
         lines.append(f"| {i} | `{m.name}` {m.wrong} | `{check or 'NOT CAUGHT'}` | "

@@ -108,6 +108,20 @@ def keras_loss(model, x, y, training=True):
     return loss
 
 
+def shared_dropout_masks(nt, numpy_model, n, dtype, seed=99):
+    """Dropout masks for a batch of n that the NumPy twin's Dropout layers
+    will draw themselves (each layer's random stream restarted from seed),
+    so that the same masks can be given to keras_loss_and_grads: {layer
+    name: mask}."""
+    masks = {}
+    for layer in numpy_model.layers:
+        if isinstance(layer, nt.Dropout):
+            masks[layer.name] = nt.dropout_mask((n,) + layer.input_shape, layer.rate,
+                                                np.random.default_rng(seed), dtype)
+            layer.rng = np.random.default_rng(seed)          # it draws that same mask
+    return masks
+
+
 def keras_loss_and_grads(model, x, y, masks=None):
     """Keras's loss (mean cross-entropy), probabilities and gradients for one
     batch, in the model's dtype, run as a TensorFlow graph as in model.fit:
@@ -240,8 +254,8 @@ def keras_reference(data_dir=None):
 
 
 def write_reference(data_dir=None, path=REFERENCE):
-    """Store keras_reference(): the gradients as float32 (0.9 MB, and 7
-    digits are plenty for the tolerances below), the rest as float64."""
+    """Store keras_reference(): the gradients as float32 (half the bytes
+    of float64, and 7 digits are plenty for the tolerances below), the rest as float64."""
     found = keras_reference(data_dir)
     stored = {k: (v.astype(np.float32) if k.startswith("grad:") else v) for k, v in found.items()}
     path.parent.mkdir(parents=True, exist_ok=True)

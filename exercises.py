@@ -103,7 +103,7 @@ def exercises():
 
 
 def markdown_table():
-    """The exercises as a Markdown table (the README's), from the same list."""
+    """The exercises as a Markdown table (docs/practise.md's), from the same list."""
     lines = ["| # | write | in | read first |", "| --- | --- | --- | --- |"]
     for e in exercises():
         where = e.source.relative_to(REPO).as_posix()
@@ -512,7 +512,7 @@ def train(path, twin_args, time_limit=TIME_LIMIT):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=common.HelpWithDefaults,
                                 epilog="train takes the twins' flags too (--epochs, --seed, ...); "
                                        "its results go to results/workbook/ unless --out says "
                                        "otherwise.")

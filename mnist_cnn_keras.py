@@ -1,6 +1,6 @@
 """A small convolutional network for MNIST, in Keras: the reference twin.
 
-    python mnist_cnn_keras.py                 # train 12 epochs, about 99.2%
+    python mnist_cnn_keras.py                 # train 12 epochs (README: Results)
     python mnist_cnn_keras.py --help          # every flag, with its default
 
 The same network is built from scratch in mnist_cnn_numpy.py, with the same
@@ -61,7 +61,7 @@ class SharedBatches(keras.utils.PyDataset):
 def build_model(lr=common.DEFAULTS["lr"], dropout=0.5, dtype="float32"):
     """The twins' network, declared once. Compare mnist_cnn_numpy.build_model:
     the same layers, in the same words. Edit both the same way to change the
-    network (README: "Change the network"): every shape follows from these
+    network (docs/change.md: "Change the network"): every shape follows from these
     lines, and model.summary() prints them."""
     layers = keras.layers
     with float_type(dtype):              # float32, or float64 in some tests

@@ -1,6 +1,6 @@
 """The same small convolutional network, from scratch in NumPy: the twin.
 
-    python mnist_cnn_numpy.py                 # train 12 epochs, about 99.2%
+    python mnist_cnn_numpy.py                 # train 12 epochs (README: Results)
     python mnist_cnn_numpy.py --help          # the same flags as the Keras twin
 
 Every layer of mnist_cnn_keras.py, rebuilt as arithmetic: a forward pass, a
@@ -475,7 +475,7 @@ class Sequential(common.WeightsOfLayers):
 def build_model(dropout=0.5, seed=0, dtype="float32"):
     """The twins' network, declared once. Compare mnist_cnn_keras.build_model:
     the same layers, in the same words. Edit both the same way to change the
-    network (README: "Change the network"): every shape follows from these
+    network (docs/change.md: "Change the network"): every shape follows from these
     lines, and model.summary() prints them."""
     return Sequential([
         Input(shape=(28, 28, 1)),

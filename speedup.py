@@ -100,7 +100,8 @@ def slices(n, threads, size=None):
     The size is measured, not reasoned: smaller slices keep more of their
     arrays in the CPU's caches, larger ones make each matrix product and
     NumPy call do more at a time. With the fused layers, a batch of 128 as
-    two slices of 64 was the fastest (docs/speed.md has the measurement).
+    two slices of 64 was as fast as any size tried, or faster
+    (benchmarks/layers.py measures it; docs/speed.md has the figures).
     """
     count = threads * max(1, round(n / (threads * (size or SLICE))))
     cuts = np.linspace(0, n, min(count, n // MIN_SLICE) + 1).astype(int)
@@ -439,8 +440,8 @@ def im2col_with_ones(x, K):
     if C == 1:
         # One input channel (the first layer): a row is only K*K numbers.
         # Copying the K*K shifted images x[:, a:a+H', b:b+W'] one at a time,
-        # each into its column, is about 4x faster than the window copy
-        # below, which would move K numbers at a time.
+        # each into its column, moves whole images at a time; the window
+        # copy below would move K numbers at a time.
         for a in range(K):
             for b in range(K):
                 cols[..., a * K + b] = x[:, a:a + Ho, b:b + Wo, 0]
@@ -595,9 +596,9 @@ def conv_pool_backward(dout, cache, need_dx=True):
 #     G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
 #     A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
 # Its 2 x 2 output tile is exactly a 2 x 2 pooling window. Run backward, it gives dx:
-# the transposes of A^T, the 16 products and B^T, in that order. (Forward, its
-# transforms cost this twin more than the products they save; measured in
-# docs/speed.md.)
+# the transposes of A^T, the 16 products and B^T, in that order. (Not forward: its
+# outputs differ from the direct sum by rounding, and a max-pool window whose
+# maxima are tied would then pick its winner by rounding, not as the lesson does.)
 WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
 WINOGRAD_K16 = np.kron(WINOGRAD_G, WINOGRAD_G)            # (16, 9): g (3x3) -> G g G^T
 

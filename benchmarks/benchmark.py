@@ -1,6 +1,6 @@
 """Benchmark both twins side by side, in the same run, on this machine.
 
-    python benchmarks/benchmark.py                     # full: 55,000 images, about 8 minutes
+    python benchmarks/benchmark.py                     # full: 55,000 images, 4 rounds of 3 epochs
     python benchmarks/benchmark.py --blas-kernels cpu  # OpenBLAS's own choice for this CPU
     python benchmarks/benchmark.py --quick             # a few hundred images: checks it works
 

@@ -172,13 +172,13 @@ def raw_request(port, data, timeout=60):
         try:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)                # all sent: the server sees the end
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:                                  # it answered and closed first
             pass
         answer = b""
         try:
             while chunk := sock.recv(65536):
                 answer += chunk
-        except (ConnectionResetError, socket.timeout):
+        except OSError:                                  # reset, or timed out
             pass
     if not answer.startswith(b"HTTP/"):
         return None, b""
@@ -246,8 +246,16 @@ def attack_server(weights, digit):
                   "keras_peak_mb": [vm_hwm(p) for p in keras]}
     finally:
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        t = time.perf_counter()
+        try:
+            _, stderr = proc.communicate(timeout=60)
+            stopped = time.perf_counter() - t
+        except subprocess.TimeoutExpired:              # recorded, not hidden: then stopped
+            proc.kill()
+            _, stderr = proc.communicate()
+            stopped = None
     result["traceback_in_log"] = "Traceback" in stderr
+    result["seconds_to_stop_after_ctrl_c"] = stopped
     return result
 
 

@@ -5,7 +5,8 @@
 
 For a batch of 128 real MNIST images, times each layer's forward and
 backward pass in both twins: the NumPy twin's functions as training runs
-them (the batch cut into slices of 32, on one thread per core, speedup.py), and
+them (the batch cut into slices of speedup.SLICE images, on one thread per
+core), and
 the same Keras layer under tf.function, forward alone and forward with
 tf.GradientTape (backward = the difference). Then the loss, the optimizer
 step, a whole training step, and the evaluation of a batch of 256 (the
@@ -13,7 +14,7 @@ validation pass). Each figure is the fastest of --repeats runs (the
 machine's other load only ever adds time), in milliseconds.
 
 The table's last column is each row's share of the NumPy twin's training
-step (the sum of its rows). benchmarks/README.md explains the big gaps.
+step (the sum of its rows). docs/speed.md explains the big gaps.
 """
 
 import argparse

@@ -78,7 +78,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+        if "default" not in text and not any(action.default is v for v in
+                                                 (None, False, argparse.SUPPRESS)):
             text += " (default: %(default)s)"
         return text
 
@@ -89,7 +90,8 @@ def results_folder(out, dataset):
     return Path(out) if out else Path(DEFAULTS["out"]) / dataset
 
 
-def parse_args(description, argv=None):
+def parser(description):
+    """Both twins' command line (docs/data.md prints its table from this)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
     p.add_argument("--epochs", type=_positive(int), default=DEFAULTS["epochs"],
                    help="passes over the training images")
@@ -119,6 +121,11 @@ def parse_args(description, argv=None):
     p.add_argument("--predict", nargs="+", metavar="IMAGE",
                    help="classify your own PNG/JPEG images: after training, or "
                         "instead of it with --load-weights")
+    return p
+
+
+def parse_args(description, argv=None):
+    p = parser(description)
     args = p.parse_args(argv)
     if args.eval_only and not args.load_weights:
         p.error("--eval-only needs --load-weights PATH (there is nothing "
@@ -188,7 +195,7 @@ def check_weights(weights, shapes, source):
     shapes. source says where the weights came from, for the message.
     """
     fix = ("A weights file fits only the network that wrote it: if you changed "
-           "a layer in one twin, make the same change in the other (README: "
+           "a layer in one twin, make the same change in the other (docs/change.md: "
            "\"Change the network\").")
     for key, shape in shapes.items():
         layer = key.rsplit("/", 1)[0]

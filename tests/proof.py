@@ -1,7 +1,7 @@
 """The proof that two twin modules build the same network, as functions.
 
 tests/test_twins.py runs it on the repo's twins; test_change_the_network.py
-runs it on copies of both twins edited the way the README tells a learner
+runs it on copies of both twins edited the way docs/change.md tells a learner
 to. kt and nt are the two twin modules (mnist_cnn_keras, mnist_cnn_numpy or
 edited copies of them). On failure the messages say, weight by weight,
 where the twins part.
@@ -41,6 +41,11 @@ LOCKSTEP_TOL = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-12)}
 # batch statistics that agree to about 1e-15); float32 1e-4, as the forward
 # pass above, with room for 20 steps of rounding in a running mean.
 STATE_TOL = {"float32": 1e-4, "float64": 1e-8}
+
+# Weights exchanged: trained weights evaluated by both twins must give the same
+# predicted class on this share of the test images at least (float32 rounding
+# can tip an image whose two likeliest classes are nearly tied).
+SAME_PREDICTION = 0.999
 
 # Float32 with BatchNormalization. Keras's float32 batch statistics carry
 # about 1e-4 relative error (TensorFlow's float32 reductions over tens of
@@ -141,12 +146,7 @@ def forward_and_gradients_agree(kt, nt, keras_model, numpy_model, x, y, dtype,
     once more for Keras; keras_loss_and_grads says how Keras takes it)."""
     masks = None
     if dropout:
-        masks = {}
-        for layer in numpy_model.layers:
-            if isinstance(layer, nt.Dropout):
-                masks[layer.name] = nt.dropout_mask((len(x),) + layer.input_shape, layer.rate,
-                                                    np.random.default_rng(99), dtype)
-                layer.rng = np.random.default_rng(99)        # it draws that same mask
+        masks = compare.shared_dropout_masks(nt, numpy_model, len(x), dtype)
         assert masks and all(np.any(m == 0) for m in masks.values())   # some units dropped
     probs, loss, grads = compare.keras_loss_and_grads(keras_model, x, y,
                                                       masks if dropout else {})

@@ -1,5 +1,5 @@
-"""Batch normalization added to both twins, as the README's "Change the
-network" shows: a BatchNormalization layer after conv1 and after dense1, in
+"""Batch normalization added to both twins, as docs/change.md's "Adding batch
+normalization" shows: a BatchNormalization layer after conv1 and after dense1, in
 copies of both twins. Proven like every other layer: probabilities, every
 gradient (gamma and beta included) and, after each of 20 lockstep steps,
 the loss and the moving statistics, in float32 and float64; the slices of a
@@ -12,28 +12,13 @@ import pytest
 
 import proof
 import speedup
-from test_change_the_network import TWINS, copy_repo, load_twins, train_and_exchange
-
-# README, "Adding batch normalization": the import, and a BatchNormalization
-# line after conv1 and after dense1.
-IMPORT = ("from helpers import common", "from batchnorm import BatchNormalization")
-AFTER = ['Conv2D(32, 3, activation="relu", name="conv1"),',
-         'Dense(128, activation="relu", name="dense1"),']
-NEW = ['BatchNormalization(name="bn1"),', 'BatchNormalization(name="bn2"),']
+from helpers import edits
+from test_change_the_network import load_twins, train_and_exchange
 
 
 def add_batchnorm(folder):
-    copy_repo(folder)
-    for twin, prefix in (("keras", "layers."), ("numpy", "")):
-        lines = (folder / TWINS[twin]).read_text().splitlines()
-        if twin == "numpy":
-            lines.insert(lines.index(IMPORT[0]) + 1, IMPORT[1])
-        for after, new in zip(AFTER, NEW):
-            (i,) = [k for k, line in enumerate(lines) if after in line]
-            indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
-            lines.insert(i + 1, indent + prefix + new)
-        (folder / TWINS[twin]).write_text("\n".join(lines) + "\n")
-    return folder
+    """docs/change.md, "Adding batch normalization", made to a copy."""
+    return edits.batchnorm(folder)
 
 
 @pytest.fixture(scope="module")

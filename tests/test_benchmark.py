@@ -56,6 +56,32 @@ def test_layer_table_runs(real_data_dir):
     assert "loss" in names and "Adam" in names and "share" in proc.stdout
 
 
+def test_default_runs_and_their_table(real_data_dir, tmp_path, monkeypatch):
+    """benchmarks/default_runs.py on an edited copy (quick settings): both
+    twins, each on the other's weights, and the table the docs print from it."""
+    env = dict(os.environ, MNIST_DATA_DIR=str(real_data_dir))
+    proc = subprocess.run([sys.executable, "benchmarks/default_runs.py", "--seeds", "3",
+                           "--network", "smaller", "--epochs", "1", "--train-limit", "300",
+                           "--out", tmp_path, "--name", "quick"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert [(r["twin"], r["seed"], r["params"]) for r in data["runs"]] == [
+        ("keras", 3, 112_554), ("numpy", 3, 112_554)]
+    assert {(c["twin"], c["weights_of"]) for c in data["cross"]} == {
+        ("numpy", "keras"), ("keras", "numpy")}
+    for c in data["cross"]:
+        assert abs(c["test_accuracy"] - c["trainer_accuracy"]) <= 2e-4
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tables
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    table = tables.default_runs("quick")
+    keras_run = data["runs"][0]
+    assert f"| 3 | {100 * keras_run['test_accuracy']:.2f}% / " in table
+    assert "The smaller network (112,554 parameters), 1 epoch on 300 MNIST" in table
+    assert data["machine"]["cpu"] in table
+
+
 def report(twin, accuracy, seconds):
     model = nt.build_model()
     return {"implementation": twin, "dataset": "mnist", "epochs": 2, "batch_size": 128,

@@ -1,57 +1,31 @@
-"""Change the network, exactly as the README tells a learner to: the same
+"""Change the network, exactly as docs/change.md tells a learner to: the same
 edit in both twins' build_model gives two twins that train, exchange weights
 and pass the proof; the edit in one twin only gives one clear message.
 
 The edits are made to copies of the scripts, never to the repo's files.
 """
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import common
+from helpers import common, edits
 import mnist_cnn_keras as kt
 import mnist_cnn_numpy as nt
 import proof
-from conftest import REPO
 
-# README, "Change the network": conv1 to 16 filters, dense1 to 64 units.
-EDITS = [("Conv2D(32,", "Conv2D(16,"), ("Dense(128,", "Dense(64,")]
-TWINS = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
-
-
-def copy_repo(folder):
-    """The repo's scripts and helpers in folder, as a learner's copy."""
-    for path in REPO.glob("*.py"):
-        shutil.copy(path, folder)
-    shutil.copytree(REPO / "helpers", folder / "helpers",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return folder
+# docs/change.md, "Change the network": conv1 to 16 filters, dense1 to 64 units.
+TWINS = edits.TWINS
+load = edits.load
 
 
 def copy_with_edits(folder, edit):
-    """The repo's scripts in folder, with the EDITS made in the twins named."""
-    copy_repo(folder)
-    for twin in edit:
-        text = (folder / TWINS[twin]).read_text()
-        for old, new in EDITS:
-            assert text.count(old) == 1, f"{TWINS[twin]}: {old!r} should appear once"
-            text = text.replace(old, new)
-        (folder / TWINS[twin]).write_text(text)
-    return folder
-
-
-def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The repo's scripts in folder, with edits.SMALLER made in the twins named."""
+    return edits.smaller(folder, twins=edit)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """draw.py in a real browser: headless Chromium (Debian's package), driven
 by Playwright, draws real MNIST test digits on the page's canvas as strokes
 of the pointer and reads what the page shows; it uploads a photo and the
-kinds of bad input a user sends, and takes the README's screenshot.
+kinds of bad input a user sends, and takes the screenshots of the README and docs/page.md.
 
 Without Chromium the browser test is skipped with how to install it, except
 where MNIST_TWINS_REQUIRE_BROWSER is set (CI), where it fails instead.
@@ -198,7 +198,7 @@ def test_drawn_digits_are_read_by_both_twins(page, trained, tmp_path):
             assert page.text_content("#message") == ""
             shot = tmp_path / "draw.png"
             page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("DRAW_SCREENSHOT"):             # refreshing the README's
+            if os.environ.get("DRAW_SCREENSHOT"):             # refreshing the docs'
                 shutil.copy(shot, os.environ["DRAW_SCREENSHOT"])
     assert sum(right) >= 9, f"read right: {right}"
 
@@ -352,7 +352,7 @@ def test_backward_unit_and_teach_in_the_browser(page, served, trained, tmp_path)
 
 @pytest.fixture(scope="module")
 def edited_server(trained, real_data_dir, tmp_path_factory):
-    """draw.py from a copy of the repo with the README's 16-filter edit in
+    """draw.py from a copy of the repo with docs/change.md's 16-filter edit in
     both twins, serving weights that copy's NumPy twin trained: (port,
     process, the edited NumPy module)."""
     from test_change_the_network import copy_with_edits, load_twins

@@ -182,3 +182,27 @@ def test_bad_input(twin, real_data_dir, tmp_path):
             assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, \
                 (flags, proc.stderr)
         assert not out.exists() or not any(out.iterdir()), flags
+
+
+@pytest.mark.parametrize("script", ["mnist_cnn_keras.py", "mnist_cnn_numpy.py", "draw.py",
+                                    "compare.py", "exercises.py", "data_utils.py"])
+def test_help_says_each_default_once(script):
+    """--help: every flag's default at most once, never "(default: None)",
+    and a default of 0 shown like any other."""
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    flags = []
+    for line in proc.stdout.split("options:", 1)[1].split("\n\n")[0].splitlines():
+        if line.startswith("  -"):
+            flags.append("")
+        if flags:
+            flags[-1] += " " + line
+    assert len(flags) > 2
+    for flag in flags:
+        words = " ".join(flag.split())
+        assert words.count("default") <= 1, words
+        assert "(default: None)" not in words and "(default: False)" not in words, words
+    if script.startswith("mnist_cnn"):
+        assert re.search(r"--seed SEED\s+seed for the initial weights.*\(default: 0\)",
+                         " ".join(proc.stdout.split()))
