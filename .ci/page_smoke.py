@@ -19,6 +19,9 @@ import data_utils  # noqa: E402
 
 
 def main(weights):
+    # Ctrl-C must reach draw.py even if this was started with SIGINT ignored
+    # (an ignored signal stays ignored in a child; a handler does not).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     proc = subprocess.Popen([sys.executable, "draw.py", "--weights", weights], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -35,8 +34,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data_utils  # noqa: E402
+import machine  # noqa: E402
 import mnist_cnn_numpy as nt  # noqa: E402
 from helpers import common  # noqa: E402
 
@@ -265,6 +266,11 @@ def main(argv=None):
     p.add_argument("--out", default="results", help="folder for faults.json")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
+    # The server is stopped with Ctrl-C (SIGINT). Started in the background by
+    # a shell without job control, this script has SIGINT ignored, and so
+    # would draw.py (an ignored signal stays ignored in a child; a handler is
+    # reset to the default): Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = common.prepare_out_dir(args.out)
     _, (x_test, _) = data_utils.load_dataset("mnist", args.data_dir, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,10 +283,7 @@ def main(argv=None):
         weights = Path(tmp) / "numpy.weights.npz"
         common.save_weights(weights, model.get_weights())
         server = attack_server(weights, x_test[0, :, :, 0])
-    results = {"machine": {"cpu": platform.processor() or platform.machine(),
-                           "python": platform.python_version(), "numpy": np.__version__,
-                           "date": time.strftime("%Y-%m-%d")},
-               "weights_files": weights_rows, "server": server}
+    results = {"machine": machine.machine(), "weights_files": weights_rows, "server": server}
     for row in weights_rows:
         print(f"{row['case']:<40} {row['peak_mb']:6.2f} MB  {row['message'][:90]}")
     for row in server["cases"] + server["three_at_once"]:

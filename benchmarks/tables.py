@@ -111,7 +111,11 @@ def benchmark_runs(names):
               "NumPy / Keras (fastest)", "median ratio", "CPU time per image",
               "round by round", "NumPy / best matmul rate", "peak memory, Keras / NumPy",
               "lesson alone (what speedup.py buys)"]
-    return _table(header, rows) + "\n\n" + machine(load(names[0])["machine"], kernels=False)
+    settings = {tuple(sorted(load(name)["settings"].items())) for name in names}
+    lines = [f"{s['rounds']} rounds of {s['epochs_per_run']} epochs on {s['train_images']:,} "
+             f"images, batches of {s['batch_size']}" for s in map(dict, sorted(settings))]
+    return (_table(header, rows) + "\n\nEach run: " + "; ".join(lines) + ". "
+            + machine(load(names[0])["machine"], kernels=False))
 
 
 # --- Layers ------------------------------------------------------------------------------
@@ -132,6 +136,21 @@ def layers(name):
                    rows)
             + f"\n\nA batch of {data['batch']}, the fastest of {data['repeats']} runs of each. "
             f"The whole fast step by slice size: {sizes}. {machine(data['machine'])}")
+
+
+def slice_choice(names, chosen):
+    """Which slice size was fastest in each layers run, beside the one
+    speedup.SLICE uses, and how far the chosen one is from the fastest."""
+    parts = []
+    for name in names:
+        data = load(name)
+        sizes = {int(s): ms for s, ms in data["slice_sizes_ms"].items()}
+        best = min(sizes, key=sizes.get)
+        kernels = data["machine"]["blas_kernels"]
+        parts.append(f"with the {kernels} kernels {best} images was fastest"
+                     + ("" if best == chosen else
+                        f", {chosen} images {100 * (sizes[chosen] / sizes[best] - 1):.0f}% slower"))
+    return (f"`speedup.SLICE` is {chosen}: " + "; ".join(parts) + ".")
 
 
 # --- Agreement -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Shared test fixtures: the real datasets, and a real HTTP server on 127.0.0.1."""
 
 import http.server
+import signal
 import socket
 import sys
 import threading
@@ -11,6 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# The tests send Ctrl-C (SIGINT) to the scripts they start. A shell that runs
+# pytest in the background without job control starts it with SIGINT ignored,
+# and an ignored signal stays ignored in every child process, where Ctrl-C
+# would then do nothing; a handler is reset to the default in a child instead.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

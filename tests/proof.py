@@ -18,27 +18,29 @@ from helpers.checks import rel_error as max_rel_diff
 #   implementations summing the same 288-term dot products in different
 #   orders differ in the 6th-7th digit. float64 1e-10: same, with 16 digits.
 # gradients, float32 1e-4 / float64 1e-9 (relative to each tensor's largest
-#   entry): a backward pass sums over the whole batch and all positions, so
-#   rounding grows with the number of terms (about 1e5 here); a wrong term
-#   (a missed ReLU, a mis-routed max-pool tie) is off by 1e-2 or more.
+#   entry): a backward pass sums over the whole batch and all positions
+#   (conv2's kernel gradient: batch x 11 x 11 terms per entry), so rounding
+#   grows with the number of terms; a wrong term (a missed ReLU, a
+#   mis-routed max-pool tie) moves the leading digits instead.
 FORWARD_TOL = {"float32": 1e-5, "float64": 1e-10}
 GRAD_TOL = {"float32": 1e-4, "float64": 1e-9}
 
 # Lockstep tolerances, (loss, final weights):
 # float64: loss 1e-8, weights 1e-12 relative to each tensor's largest entry
-#   (measured: about 1e-15 and 1e-15; bit-level agreement needs Keras's
-#   float32-rounded Adam betas, see mnist_cnn_numpy.Adam).
-# float32: loss 1e-4 (measured: a few 1e-7). Weights: absolute 1e-3, one Adam
+#   (agreement at the last digits needs Keras's float32-rounded Adam betas,
+#   see mnist_cnn_numpy.Adam; benchmarks/agreement.py measures both ways).
+# float32: loss 1e-4, some hundred times float32's rounding of a loss near
+#   2. Weights: absolute 1e-3, one Adam
 #   step at lr = 1e-3. Adam moves each weight by about lr * m / sqrt(v); for a
 #   weight whose gradients are near zero, float32 rounding can flip the sign
 #   of m, so twins that agree to 1e-7 elsewhere can differ by up to a step
-#   there (measured: up to 5e-4 on a few conv2 kernel entries). The loss
-#   check is what catches a wrong gradient.
+#   there. The loss check is what catches a wrong gradient. What was
+#   measured: benchmarks/agreement.py, docs/proof.md.
 LOCKSTEP_TOL = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-12)}
 
 # Moving statistics (BatchNormalization), relative to each tensor's largest
 # entry, after every lockstep step: float64 1e-8 (they are running means of
-# batch statistics that agree to about 1e-15); float32 1e-4, as the forward
+# batch statistics that agree as closely as the forward pass); float32 1e-4, as the forward
 # pass above, with room for 20 steps of rounding in a running mean.
 STATE_TOL = {"float32": 1e-4, "float64": 1e-8}
 
@@ -48,25 +50,25 @@ STATE_TOL = {"float32": 1e-4, "float64": 1e-8}
 SAME_PREDICTION = 0.999
 
 # Float32 with BatchNormalization. Keras's float32 batch statistics carry
-# about 1e-4 relative error (TensorFlow's float32 reductions over tens of
-# thousands of values; the NumPy twin sums in float64), and the division by
-# a batch's standard deviation magnifies it: on a real MNIST batch, Keras's
-# float32 gradients differ from exact (float64) arithmetic by up to 1.3e-2
-# relative, the NumPy twin's by 1.4e-5. Over 20 lockstep steps training
-# amplifies rounding further (measured, Keras against NumPy: losses 9.8e-3,
-# moving statistics 4.8e-2, weights 5.0e-2). These tolerances are about 3
-# to 4 times those; a wrong batch-norm gradient is off by order 1. The tight
-# proof for batch normalization is float64 (the tolerances above), and
-# test_batchnorm.py checks the NumPy twin's float32 against exact arithmetic
-# at the ordinary float32 tolerances.
+# more rounding than the NumPy twin's (TensorFlow reduces tens of thousands
+# of float32 values; the NumPy twin sums in float64), and the division by a
+# batch's standard deviation magnifies it: against exact (float64)
+# arithmetic on one real batch, Keras's float32 gradients are off by orders
+# of magnitude more than the NumPy twin's, and 20 lockstep steps amplify
+# that further (Adam gives a gradient of pure rounding a full step).
+# benchmarks/agreement.py measures all of it (docs/change.md's table);
+# these tolerances sit above what it and these tests' own batches give,
+# while a wrong batch-norm gradient is off by order 1. The tight proof for
+# batch normalization is float64 (the tolerances above), and
+# test_batchnorm.py checks the NumPy twin's float32 against exact
+# arithmetic at the ordinary float32 tolerances.
 BN_FLOAT32_TOL = {"forward": 5e-4, "gradients": 5e-2, "loss": 5e-2, "state": 2e-1,
                   "weights": 2e-1}
 # Float64 with BatchNormalization: the twins add up each channel's
 # statistics in different orders, and the normalisation magnifies that
-# rounding; after 20 steps the final weights differ by up to 1.5e-10
-# relative (measured; without batch norm, 1e-15). Every other float64
-# tolerance above holds as it is (measured: losses 3e-13, moving statistics
-# 3.5e-11).
+# rounding, so after 20 steps the final weights differ by more than without
+# batch norm (docs/change.md's table, against docs/proof.md's); every other
+# float64 tolerance above holds as it is.
 BN_FLOAT64_WEIGHT_TOL = 1e-8
 
 
