@@ -61,12 +61,14 @@ def lockstep(kt, nt, weights, x, y, dtype, exact_betas=False):
     saved = nt.Adam.update
     if exact_betas:
         # The lesson's Adam.update, deliberately with one change: Python's
-        # 0.9 and 0.999 in the bias correction, not float32's.
+        # 0.9 and 0.999 in the bias correction, not float32's (lr still
+        # passes through float32, as in the lesson).
         def update(self, params):
             t = self.iterations + 1
             for key, w, g in params:
                 dt = w.dtype.type
-                alpha = dt(self.lr) * np.sqrt(1 - dt(self.beta_2) ** t) / (1 - dt(self.beta_1) ** t)
+                lr, b1, b2 = dt(np.float32(self.lr)), dt(self.beta_1), dt(self.beta_2)
+                alpha = lr * np.sqrt(1 - b2 ** dt(t)) / (1 - b1 ** dt(t))
                 if key not in self.m:
                     self.m[key], self.v[key] = np.zeros_like(w), np.zeros_like(w)
                 m, v = self.m[key], self.v[key]

@@ -30,7 +30,6 @@ SkylakeX, ...) forces those. TensorFlow has its own kernels either way.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import common  # noqa: E402
-from machine import blas_info, child_environment, machine  # noqa: E402,F401
+from machine import blas_info, child_environment, machine, run_script  # noqa: E402,F401
 import data_utils  # noqa: E402
 import mnist_cnn_numpy  # noqa: E402
 
@@ -109,17 +108,10 @@ def run_twin(twin, args, out, epochs=None, lesson_alone=False):
         cmd += ["--train-limit", str(args.train_limit)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    with open(out / f"{twin}.log", "w") as log:
-        env = child_environment(args.blas_kernels)
-        if lesson_alone:
-            env["MNIST_TWINS_FAST"] = "0"
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        # wait4 gives the resource usage of this one child: its peak RSS (KiB)
-        # and the CPU time it used.
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise common.UserError(f"{twin} twin failed; its output is in {out / (twin + '.log')}:\n"
-                               + (out / f"{twin}.log").read_text()[-2000:])
+    env = child_environment(args.blas_kernels)
+    if lesson_alone:
+        env["MNIST_TWINS_FAST"] = "0"
+    usage = run_script(cmd, REPO, out / f"{twin}.log", env)
     report = json.loads((out / f"{twin}.json").read_text())
     return report, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 

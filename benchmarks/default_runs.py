@@ -17,7 +17,6 @@ of the twins with one of docs/change.md's edits (helpers/edits.py).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,15 +40,9 @@ def run(folder, twin, args, out, *extra):
         cmd += ["--epochs", str(args.epochs)]
     if args.train_limit:
         cmd += ["--train-limit", str(args.train_limit)]
-    log_path = out / f"{twin}{'.eval' if extra else ''}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise common.UserError(f"the {twin} twin failed (seed {args.seed}):\n"
-                               + log_path.read_text()[-2000:])
-    report = out / f"{twin}{'.eval' if extra else ''}.json"
-    return json.loads(report.read_text()), usage.ru_maxrss / 1024
+    name = f"{twin}{'.eval' if extra else ''}"
+    usage = machine.run_script(cmd, folder, out / f"{name}.log")
+    return json.loads((out / f"{name}.json").read_text()), usage.ru_maxrss / 1024
 
 
 def main(argv=None):

@@ -39,6 +39,21 @@ def child_environment(kernels):
     return env
 
 
+def run_script(cmd, cwd, log_path, env=None):
+    """Run a twin's script as a child process, its output to log_path; return
+    its resource usage (wait4 gives this one child's: ru_maxrss, its peak
+    memory in KiB, and ru_utime + ru_stime, the CPU time it used). A run
+    that fails is a UserError that shows the end of its log."""
+    from helpers import common             # the scripts that call this put the repo first
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise common.UserError(f"{Path(cmd[1]).name} failed; its output is in {log_path}:\n"
+                               + Path(log_path).read_text()[-2000:])
+    return usage
+
+
 def blas_info(kernels="as-set"):
     """Which BLAS library NumPy uses and which of its CPU kernels, in a child
     process with that environment (OpenBLAS picks kernels by CPU model when

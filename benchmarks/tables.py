@@ -174,14 +174,16 @@ def agreement(name="agreement"):
 
 def reference(name="agreement"):
     """The NumPy twin against the stored Keras reference, as measured."""
+    results = load(name)
     rows = [[r["what"], r["dtype"], f"{r['difference']:.1e}", f"{r['tolerance']:g}"]
-            for r in load(name)["reference"]]
+            for r in results["reference"]]
     return (_table(["what", "dtype", "largest difference", "tolerance"], rows) + "\n\n"
-            + machine(load(name)["machine"]))
+            + machine(results["machine"]))
 
 
 def batchnorm_agreement(name="agreement"):
-    data = load(name)["batchnorm"]
+    results = load(name)
+    data = results["batchnorm"]
     rows = [[dtype, f"{data[dtype]['dropout_off']['probs']:.1e}",
              f"{data[dtype]['dropout_off']['gradients']:.1e}",
              f"{data[dtype]['lockstep']['loss']:.1e}", f"{data[dtype]['lockstep']['weights']:.1e}"]
@@ -190,7 +192,7 @@ def batchnorm_agreement(name="agreement"):
                     "final weights"], rows)
             + f"\n\nThe network with batch normalization ({data['params']:,} parameters), "
             "the same images and measures as the table of docs/proof.md. "
-            + machine(load(name)["machine"]))
+            + machine(results["machine"]))
 
 
 def figure(name, key, fmt="{:.1e}"):
@@ -212,7 +214,8 @@ def faults_weights(name="faults"):
 
 
 def faults_server(name="faults"):
-    data = load(name)["server"]
+    results = load(name)
+    data = results["server"]
     rows = [[r["case"], r["status"], r["expected"]] for r in data["cases"]]
     rows += [[f"at once: {r['case']}", r["status"], r["expected"]]
              for r in data["three_at_once"]]
@@ -226,7 +229,7 @@ def faults_server(name="faults"):
             f"{'YES' if data['traceback_in_log'] else 'none'}; "
             + (f"after Ctrl-C (SIGINT) it stopped in {stop:.1f} s. " if stop is not None
                else "after Ctrl-C (SIGINT) it had NOT stopped within 60 s. ")
-            + machine(load(name)["machine"]))
+            + machine(results["machine"]))
 
 
 # --- From the code ------------------------------------------------------------------------
