@@ -40,11 +40,16 @@ What each buys, and where the time goes: docs/speed.md, from
 benchmarks/benchmark.py and benchmarks/layers.py.
 """
 
+import atexit
 import copy
 import ctypes
+import mmap
 import os
+import signal
+import struct
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -77,6 +82,7 @@ def switched_on(lesson):
     try:
         yield lesson
     finally:
+        close_processes()
         for name, function in saved.items():
             setattr(lesson, name, function)
         del lesson.lesson_functions
@@ -128,7 +134,9 @@ def train_in_slices(lesson, layers, x, y, threads=None):
     masks, and so the results, are the lesson's whatever the slices.
     """
     n, threads = len(x), threads or cores()
-    parts = training_slices(layers, n, threads)
+    helpers = processes_for(lesson, layers, x, threads)
+    parts = slices(n, threads, size=-(-n // threads)) if helpers else \
+        training_slices(layers, n, threads)
     if len(parts) == 1:
         return lesson_function(lesson, "loss_and_grads")(layers, x, y)
     copies, sums = fast_copies(layers, parts, training=True, x=x)
@@ -144,7 +152,10 @@ def train_in_slices(lesson, layers, x, y, threads=None):
                 total.barrier.abort()
             raise
 
-    results = _run(work, copies, parts, threads)
+    if helpers and len(parts) == len(helpers.workers) + 1:
+        results = helpers.run(work, copies, parts, x, y)
+    else:
+        results = _run(work, copies, parts, threads)
     for i, layer in enumerate(layers):
         for name in layer.params:             # the batch's gradient: the sum
             setattr(layer, "d" + name, _add_up([getattr(c[i], "d" + name) for c in copies]))
@@ -156,16 +167,31 @@ def train_in_slices(lesson, layers, x, y, threads=None):
 
 
 def logits_in_slices(lesson, model, x, threads=None):
-    """Drop-in for lesson.logits(model, x): inference on slices, on threads."""
+    """Drop-in for lesson.logits(model, x): inference on slices, on threads
+    or with helper processes (as train_in_slices)."""
     threads = threads or cores()
-    parts = slices(len(x), threads)
+    helpers = processes_for(lesson, model.layers, x, threads)
+    parts = slices(len(x), threads, size=-(-len(x) // threads)) if helpers else \
+        slices(len(x), threads)
     if len(parts) == 1:
         return lesson_function(lesson, "logits")(model, x)
     copies, _ = fast_copies(model.layers, parts, training=False)
     forward = lesson_function(lesson, "forward")
     x = x.astype(model.dtype, copy=False)
-    return np.concatenate(_run(lambda layers_s, rows: forward(layers_s, x[rows]),
-                               copies, parts, threads))
+
+    def work(layers_s, rows):
+        return forward(layers_s, x[rows])
+    if helpers and len(parts) == len(helpers.workers) + 1:
+        def work(layers_s, rows):       # noqa: F811 (a process's rows, SLICE at a time)
+            return in_pieces(forward, layers_s, x[rows])
+        return np.concatenate(helpers.run(work, copies, parts, x, None))
+    return np.concatenate(_run(work, copies, parts, threads))
+
+
+def in_pieces(forward, layers, x):
+    """forward(layers, x) on pieces of x of about SLICE examples, one after
+    the other: a slice larger than that leaves the CPU's caches."""
+    return np.concatenate([forward(layers, x[rows]) for rows in slices(len(x), 1)])
 
 
 def lesson_function(lesson, name):
@@ -178,14 +204,7 @@ def fast_copies(layers, parts, training, x=None):
     arrays, nothing is copied, but keep their own caches), each of a fast
     class where one is known (FAST, below). Returns (copies, the batch
     normalization sums shared between the slices)."""
-    copies = [[_fast_copy(layer) for layer in layers] for _ in parts]
-    for layers_s in copies:
-        if hasattr(layers_s[0], "first"):
-            layers_s[0].first = True          # its input gradient is never needed
-        for layer, after in zip(layers_s, layers_s[1:]):
-            if hasattr(layer, "pooled") and getattr(after, "pool_size", None) == 2 \
-                    and hasattr(after, "in_conv") and layer.activation in (None, "relu"):
-                layer.pooled = after.in_conv = True      # one layer does both: FastConv2D
+    copies = [fast_network(layers) for _ in parts]
     sums = []
     for i, layer in enumerate(layers):
         if training and hasattr(layer, "rate"):              # Dropout: the batch's draws
@@ -199,6 +218,18 @@ def fast_copies(layers, parts, training, x=None):
             for s, layers_s in enumerate(copies):
                 layers_s[i].total = sums[-1].for_slice(s)
     return copies, sums
+
+
+def fast_network(layers):
+    """One slice's copies of the layers (see fast_copies)."""
+    layers_s = [_fast_copy(layer) for layer in layers]
+    if hasattr(layers_s[0], "first"):
+        layers_s[0].first = True          # its input gradient is never needed
+    for layer, after in zip(layers_s, layers_s[1:]):
+        if hasattr(layer, "pooled") and getattr(after, "pool_size", None) == 2 \
+                and hasattr(after, "in_conv") and layer.activation in (None, "relu"):
+            layer.pooled = after.in_conv = True      # one layer does both: FastConv2D
+    return layers_s
 
 
 class DrawnAlready:
@@ -283,6 +314,253 @@ class SumOverSlices:
             self.barrier.wait()               # every slice has read the parts
             return result
         return total
+
+
+# =============================================================================
+# 5. Processes: a slice on its own Python, where the lock costs time
+# =============================================================================
+# Threads share one Python interpreter, and its lock (the GIL) lets only one
+# of them run Python at a time. NumPy lets go of the lock inside a large
+# operation, but each of the hundreds of calls a slice makes (a layer's
+# method, a reshape, a small product) needs it, and a thread that wants it
+# back waits while the other thread holds it. On 2 cores that waiting cost
+# about a seventh of a training step (docs/speed.md). A forked copy of this
+# process has its own interpreter and its own lock: it trains one slice of
+# every batch while this process trains another. What it needs from here
+# each step (the weights, its rows of the batch, their dropout draws) and
+# what it hands back (its loss, probs and gradients) go through memory the
+# two processes share; a byte on a pipe says "go" and "done". Used where it
+# is safe: on systems with fork, for a network whose layers keep no running
+# state (batch normalization's slices wait for each other: threads, above).
+
+PROCESSES = hasattr(os, "fork")           # False: threads only (the check sets it)
+_HELPERS = []                             # the network's SliceProcesses, if any
+
+
+def processes_for(lesson, layers, x, threads):
+    """The helpers (a SliceProcesses) that train all but one of the batch's
+    slices, one per core after the first; None where threads do it."""
+    if not PROCESSES or threads < 2 or len(x) < 2 * MIN_SLICE or _IN_HELPER \
+            or any(layer.state for layer in layers) or not hasattr(layers[-1], "output_shape"):
+        return None
+    rows = -(-len(x) // threads)
+    if _HELPERS and _HELPERS[0].fits(lesson, layers, x, rows, threads):
+        return _HELPERS[0]
+    close_processes()
+    # Room for the larger of this batch's slices and an evaluation batch's (256).
+    _HELPERS.append(SliceProcesses(lesson, layers, x, max(rows, -(-256 // threads)), threads))
+    return _HELPERS[0]
+
+
+def close_processes():
+    """Stop the helper processes (also at exit: atexit)."""
+    while _HELPERS:
+        _HELPERS.pop().close()
+
+
+_IN_HELPER = False                        # True in a helper process
+
+
+def _aligned(size):
+    return -(-size // 64) * 64
+
+
+class SliceProcesses:
+    """threads - 1 forked copies of this process, each training one slice of
+    every batch, for one network (its layers), through shared memory.
+
+    Each helper's shared block, in the order both sides compute it: the
+    weights (written here before every step), its rows of x and y and of
+    every dropout layer's draws, then what it writes back: the loss, the
+    probs and the gradients, one per weight."""
+
+    def __init__(self, lesson, layers, x, rows, threads):
+        self.lesson, self.layers, self.rows = lesson, layers, rows
+        self.example, self.threads = x.shape[1:], threads
+        self.weights = [(i, name, getattr(layer, name).shape, getattr(layer, name).dtype)
+                        for i, layer in enumerate(layers) for name in layer.params]
+        self.dropouts = [(i, layer.input_shape) for i, layer in enumerate(layers)
+                         if hasattr(layer, "rate")]
+        self.units = int(np.prod(layers[-1].output_shape))
+        self.workers = []
+        atexit.register(close_processes)
+        for _ in range(threads - 1):
+            self.workers.append(self._start())
+
+    def fits(self, lesson, layers, x, rows, threads):
+        """Whether these helpers serve this call (the same network and lesson,
+        as many cores, rows and example shape within what was set aside)."""
+        return (lesson is self.lesson and layers is self.layers and threads == self.threads
+                and rows <= self.rows and x.shape[1:] == self.example
+                and all(getattr(layers[i], name).shape == shape
+                        for i, name, shape, _ in self.weights))
+
+    def _layout(self, x_dtype, u_dtype, rows):
+        """What one helper's shared memory holds, in order: (shape, type)."""
+        weights = [(shape, dtype) for _, _, shape, dtype in self.weights]
+        return (weights + [((rows,) + self.example, x_dtype), ((rows,), np.int64)]
+                + [((rows,) + shape, u_dtype) for _, shape in self.dropouts]
+                + [((1,), np.float64), ((rows, self.units), u_dtype)] + weights)
+
+    def _block(self, memory, x_dtype, u_dtype, rows):
+        """Views of one helper's shared memory: (weights, x, y, draws, loss,
+        probs, grads). Each array starts where it would if every number took
+        8 bytes, so the layout is the same for any float type."""
+        views, at = [], 0
+        for shape, dtype in self._layout(x_dtype, u_dtype, rows):
+            count = int(np.prod(shape, dtype=np.int64))
+            views.append(np.frombuffer(memory, dtype, count, at).reshape(shape))
+            at += _aligned(8 * count)
+        w, d = len(self.weights), len(self.dropouts)
+        return (views[:w], views[w], views[w + 1], views[w + 2:w + 2 + d], views[w + 2 + d],
+                views[w + 3 + d], views[w + 4 + d:])
+
+    def _size(self):
+        return sum(_aligned(8 * int(np.prod(shape, dtype=np.int64)))
+                   for shape, _ in self._layout(np.float64, np.float64, self.rows))
+
+    def _start(self):
+        memory = mmap.mmap(-1, self._size())          # anonymous and shared: fork keeps it
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        with warnings.catch_warnings():               # Python 3.12 warns when threads exist
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:                                  # the helper: never returns
+            try:
+                os.close(go_w)
+                os.close(done_r)
+                self._serve(memory, go_r, done_w)
+            finally:
+                os._exit(0)
+        os.close(go_r)
+        os.close(done_w)
+        return {"pid": pid, "memory": memory, "go": go_w, "done": done_r}
+
+    # --- this process's side ----------------------------------------------------
+
+    def run(self, work, copies, parts, x, y):
+        """work(copies[0], parts[0]) here, every other slice in a helper: in
+        training, each slice's (loss, probs), the helpers' gradients left on
+        their copies, as a thread's would be; at inference (y is None), each
+        slice's logits."""
+        training = y is not None
+        n = len(x)
+        u_dtype = self._draw_dtype(copies[0], x) if training else \
+            np.result_type(x.dtype, *[dtype for *_, dtype in self.weights[:1]])
+        errors = "".join(_ERRSTATE.index(np.geterr()[k]).__str__() for k in _ERRKEYS)
+        busy = []
+        try:
+            for worker, layers_s, rows in zip(self.workers, copies[1:], parts[1:]):
+                count = rows.stop - rows.start
+                weights, xs, ys, draws, *_ = self._block(worker["memory"], x.dtype, u_dtype,
+                                                         count)
+                for view, (i, name, _, _) in zip(weights, self.weights):
+                    view[...] = getattr(self.layers[i], name)
+                xs[...] = x[rows]
+                if training:
+                    ys[...] = y[rows]
+                    for view, (i, _) in zip(draws, self.dropouts):
+                        view[...] = layers_s[i].rng.numbers
+                message = struct.pack(_MESSAGE, count, n, x.dtype.char.encode(),
+                                      np.dtype(u_dtype).char.encode(), errors.encode(),
+                                      b"t" if training else b"i")
+                os.write(worker["go"], message)
+                busy.append(worker)
+            if not _BLAS:
+                from threadpoolctl import ThreadpoolController
+                _BLAS.append(ThreadpoolController())
+            with _BLAS[0].limit(limits=1, user_api="blas"):
+                results = [work(copies[0], parts[0])]
+            for worker, layers_s, rows in zip(self.workers, copies[1:], parts[1:]):
+                ok = os.read(worker["done"], 1)
+                busy.remove(worker)
+                if ok != b"\0":                       # it failed: this process tries, and
+                    results.append(work(layers_s, rows))   # says why if it fails too
+                    continue
+                *_, loss, probs, grads = self._block(worker["memory"], x.dtype, u_dtype,
+                                                     rows.stop - rows.start)
+                if not training:
+                    results.append(probs.copy())          # the logits
+                    continue
+                for view, (i, name, _, _) in zip(grads, self.weights):
+                    setattr(layers_s[i], "d" + name, view)
+                results.append((probs.dtype.type(loss[0]), probs.copy()))
+        except BaseException:
+            if busy:                                  # a helper mid-step is of no more use
+                close_processes()
+            raise
+        return results
+
+    def _draw_dtype(self, layers_s, x):
+        for i, _ in self.dropouts:
+            return layers_s[i].rng.numbers.dtype
+        return np.result_type(x.dtype, *[dtype for *_, dtype in self.weights[:1]])
+
+    def close(self):
+        for worker in self.workers:
+            for fd in (worker["go"], worker["done"]):
+                os.close(fd)
+            try:
+                os.kill(worker["pid"], signal.SIGKILL)
+                os.waitpid(worker["pid"], 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.workers = []
+
+    # --- the helper's side --------------------------------------------------------
+
+    def _serve(self, memory, go, done):
+        """The helper's life: wait for "go", train its slice, say "done"; end
+        when this process's end of the pipe closes (it stopped, or ended)."""
+        global _IN_HELPER
+        _IN_HELPER = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process
+        from threadpoolctl import ThreadpoolController
+        ThreadpoolController().limit(limits=1, user_api="blas")   # one core: its own
+        loss_and_grads = lesson_function(self.lesson, "loss_and_grads")
+        forward = lesson_function(self.lesson, "forward")
+        size = struct.calcsize(_MESSAGE)
+        while True:
+            message = b""
+            while len(message) < size:
+                more = os.read(go, size - len(message))
+                if not more:
+                    return                            # the main process is gone
+                message += more
+            count, n, x_char, u_char, errors, mode = struct.unpack(_MESSAGE, message)
+            try:
+                weights, xs, ys, draws, loss, probs, grads = self._block(
+                    memory, np.dtype(x_char.decode()), np.dtype(u_char.decode()), count)
+                layers_s = fast_network(self.layers)
+                for view, (i, name, _, _) in zip(weights, self.weights):
+                    setattr(layers_s[i], name, view)
+                state = {k: _ERRSTATE[int(e)] for k, e in zip(_ERRKEYS, errors.decode())}
+                if mode == b"i":                          # inference: the logits
+                    with np.errstate(**state):
+                        probs[...] = in_pieces(forward, layers_s, xs)
+                else:
+                    for view, (i, _) in zip(draws, self.dropouts):
+                        layers_s[i].rng = DrawnAlready(view)
+                    layers_s.append(ShareOfBatch(count / n))
+                    with np.errstate(**state):
+                        part_loss, part_probs = loss_and_grads(layers_s, xs, ys)
+                    loss[0], probs[...] = part_loss, part_probs
+                    for view, (i, name, _, _) in zip(grads, self.weights):
+                        view[...] = getattr(layers_s[i], "d" + name)
+                reply = b"\0"
+            except Exception:                         # this process will say what it was
+                reply = b"\1"
+            try:
+                os.write(done, reply)
+            except OSError:
+                return
+
+
+# rows, batch size, x's and the draws' float types, np.errstate, training or inference
+_MESSAGE = "<qq1s1s4s1s"
+_ERRKEYS = ("divide", "over", "under", "invalid")
+_ERRSTATE = ("ignore", "warn", "raise", "call", "print", "log")
 
 
 def keep_freed_memory():
@@ -498,6 +776,12 @@ def conv2d_backward(dout, cache, need_dx=True):
 CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))     # a 2 x 2 window's positions, reading order
 
 
+# Pooled outputs per block when the first layer's product is done in blocks
+# (conv_pool_forward): half a megabyte of corner outputs in float32, which stays in
+# a core's L2 cache (2 MB on the machine docs/speed.md was measured on).
+BLOCK = 1024
+
+
 def conv_pool_forward(x, kernel, bias, relu, training=True):
     """Drop-in for the lesson's Conv2D (with its ReLU, if relu) and the
     MaxPooling2D(2) after it, in one: conv2d_forward, relu_forward and
@@ -515,11 +799,20 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
     of numbers, so relu(max(a, b, c, d)) = max(relu(a), ..., relu(d)), on
     an array four times smaller. Ties go to the first corner, as in the
     lesson: the product computes equal windows' outputs equally.
+
+    The first layer (one input channel) does its product in blocks of
+    BLOCK pooling windows, each pooled while it is still in the CPU's
+    cache (cache blocking): its product is cheap (sums of K*K = 9 terms)
+    and makes four times the numbers it keeps, so done whole it waits on
+    memory, writing the four corners out and reading them back. A product
+    with long sums (the second layer's, 288 terms) is faster whole.
     """
     N, H, W, C = x.shape
     K, _, _, F = kernel.shape
     T, S = (H - K + 1) // 2, (W - K + 1) // 2                 # pooled height and width
     P = N * T * S
+    out = np.empty((P, F), np.result_type(x, kernel))
+    winner = np.empty((P, F), np.uint8) if training else None   # which corner won: 0..3
     if C == 1:
         # One input channel (the first layer): K*K shifted images for each
         # corner, each copied whole into its own row of cols ("tap-major",
@@ -529,26 +822,36 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
             for a in range(K):
                 for b in range(K):
                     cols[k, a * K + b] = x[:, u + a:u + a + 2 * T:2, v + b:v + b + 2 * S:2, 0]
-        corners = np.matmul(cols.reshape(4, K * K, P).transpose(0, 2, 1),
-                            kernel.reshape(K * K, F))                      # (4, P, F)
+        flat = cols.reshape(4, K * K, P)
+        for start in range(0, P, BLOCK):
+            rows = slice(start, min(P, start + BLOCK))
+            corners = np.matmul(flat[:, :, rows].transpose(0, 2, 1), kernel.reshape(K * K, F))
+            _pool_corners(corners, out[rows], None if winner is None else winner[rows],
+                          bias, relu)
     else:
         cols = np.empty((4, N, T, S, K * K * C), x.dtype)      # (corner, window, a b c)
         windows = sliding_window_view(x, (K, K), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
         for k, (u, v) in enumerate(CORNERS):                  # (N, H', W', K, K, C) views
             cols[k].reshape(N, T, S, K, K, C)[...] = windows[:, u:u + 2 * T:2, v:v + 2 * S:2]
         corners = (cols.reshape(4 * P, -1) @ kernel.reshape(K * K * C, F)).reshape(4, P, F)
+        _pool_corners(corners, out, winner, bias, relu)
+    return out.reshape(N, T, S, F), (x.shape, kernel, cols, winner, out if relu else None)
+
+
+def _pool_corners(corners, out, winner, bias, relu):
+    """out = relu(max of the four corners (4, P, F) + bias), and, if winner
+    is given, which corner won (0..3, ties to the first), into winner."""
     tl, tr, bl, br = corners
     top, bottom = np.maximum(tl, tr), np.maximum(bl, br)
-    winner = None
-    if training:                    # which corner won matters only to a backward pass
+    if winner is not None:          # which corner won matters only to a backward pass
         down = bottom > top                                   # ties: the first, as maxpool2d
         right = (down & (br > bl)) | (~down & (tr > tl))
-        winner = 2 * down.view(np.uint8) + right.view(np.uint8)   # (P, F) in 0..3
-    out = np.maximum(top, bottom, out=top)
+        np.multiply(down.view(np.uint8), 2, out=winner)       # bools viewed as bytes
+        winner += right.view(np.uint8)
+    np.maximum(top, bottom, out=out)
     out += bias
     if relu:
         np.maximum(out, 0, out=out)
-    return out.reshape(N, T, S, F), (x.shape, kernel, cols, winner, out if relu else None)
 
 
 def conv_pool_backward(dout, cache, need_dx=True):
@@ -559,34 +862,54 @@ def conv_pool_backward(dout, cache, need_dx=True):
     contiguous arrays), then one product gives dkernel from the corners'
     cols; dx comes from Winograd's algorithm run backward (winograd_dx) for
     a 3 x 3 kernel, else from every window's share (one product), added back
-    onto the image corner by corner (col2im)."""
+    onto the image corner by corner (col2im). The first layer (no dx, one
+    input channel) works in blocks, as its forward pass does, and adds up
+    the blocks' dkernel and dbias."""
     x_shape, kernel, cols, winner, out = cache
     N, H, W, C = x_shape
     K, _, _, F = kernel.shape
     T, S = (H - K + 1) // 2, (W - K + 1) // 2
     P = N * T * S
-    dpool = dout.reshape(P, F) if out is None else dout.reshape(P, F) * (out > 0)
-    droutes = np.empty((4, P, F), dout.dtype)
-    for k in range(4):
-        np.multiply(dpool, winner == k, out=droutes[k])
-    if C == 1:                                                # tap-major cols (forward)
+    dout = dout.reshape(P, F)
+    if C == 1 and not need_dx:                                # tap-major cols (forward)
+        flat = cols.reshape(4, K * K, P)
+        dkernel, dbias = np.zeros((K * K, F), dout.dtype), np.zeros(F, dout.dtype)
+        for start in range(0, P, BLOCK):
+            rows = slice(start, min(P, start + BLOCK))
+            dpool, droutes = _route(dout[rows], winner[rows], None if out is None else out[rows])
+            dkernel += np.matmul(flat[:, :, rows], droutes).sum(axis=0)
+            dbias += dpool.sum(axis=0)
+        return None, dkernel.reshape(K, K, C, F), dbias
+    dpool, droutes = _route(dout, winner, out)
+    if C == 1:
         dkernel = sum(np.dot(cols[k].reshape(K * K, P), droutes[k]) for k in range(4))
     else:                                     # np.dot, not @: GIL-free (conv2d_backward)
         dkernel = np.dot(cols.reshape(4 * P, -1).T, droutes.reshape(4 * P, F))
     dkernel = dkernel.reshape(K, K, C, F)
-    droutes = droutes.reshape(4 * P, F)
     dbias = dpool.sum(axis=0)
     if not need_dx:
         return None, dkernel, dbias
     if K == 3:
-        return winograd_dx(droutes.reshape(4, P, F), kernel, x_shape), dkernel, dbias
-    dcols = (droutes @ kernel.reshape(K * K * C, F).T).reshape(4, N, T, S, K, K, C)
+        return winograd_dx(droutes, kernel, x_shape), dkernel, dbias
+    dcols = (droutes.reshape(4 * P, F) @ kernel.reshape(K * K * C, F).T).reshape(
+        4, N, T, S, K, K, C)
     dx = np.zeros(x_shape, dout.dtype)
     for k, (u, v) in enumerate(CORNERS):
         for a in range(K):
             for b in range(K):
                 dx[:, u + a:u + a + 2 * T:2, v + b:v + b + 2 * S:2, :] += dcols[k, :, :, :, a, b, :]
     return dx, dkernel, dbias
+
+
+def _route(dout, winner, out):
+    """The pooled gradient dout (P, F), through the ReLU (where out > 0, if
+    out is given), and its four corners' (4, P, F): each gradient at the
+    corner that won its window, zero at the other three."""
+    dpool = dout if out is None else dout * (out > 0)
+    droutes = np.empty((4,) + dpool.shape, dpool.dtype)
+    for k in range(4):
+        np.multiply(dpool, winner == k, out=droutes[k])
+    return dpool, droutes
 
 
 # Winograd's minimal filtering F(2 x 2, 3 x 3), as cuDNN and oneDNN use it: the 2 x 2

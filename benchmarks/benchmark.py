@@ -111,9 +111,9 @@ def run_twin(twin, args, out, epochs=None, lesson_alone=False):
     env = child_environment(args.blas_kernels)
     if lesson_alone:
         env["MNIST_TWINS_FAST"] = "0"
-    usage = run_script(cmd, REPO, out / f"{twin}.log", env)
+    usage, peak_mb = run_script(cmd, REPO, out / f"{twin}.log", env)
     report = json.loads((out / f"{twin}.json").read_text())
-    return report, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return report, peak_mb, usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None):

@@ -41,8 +41,8 @@ def run(folder, twin, args, out, *extra):
     if args.train_limit:
         cmd += ["--train-limit", str(args.train_limit)]
     name = f"{twin}{'.eval' if extra else ''}"
-    usage = machine.run_script(cmd, folder, out / f"{name}.log")
-    return json.loads((out / f"{name}.json").read_text()), usage.ru_maxrss / 1024
+    _, peak_mb = machine.run_script(cmd, folder, out / f"{name}.log")
+    return json.loads((out / f"{name}.json").read_text()), peak_mb
 
 
 def main(argv=None):

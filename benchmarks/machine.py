@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -41,17 +42,57 @@ def child_environment(kernels):
 
 def run_script(cmd, cwd, log_path, env=None):
     """Run a twin's script as a child process, its output to log_path; return
-    its resource usage (wait4 gives this one child's: ru_maxrss, its peak
-    memory in KiB, and ru_utime + ru_stime, the CPU time it used). A run
-    that fails is a UserError that shows the end of its log."""
+    its resource usage (wait4 gives this one child's: ru_utime + ru_stime,
+    the CPU time it and the helper processes it waited for used) and its
+    peak memory in MB: the largest sum, sampled every 20 ms, of the resident
+    memory of the child and every process it started (the NumPy twin's
+    helper processes; pages they share with it count once in each, so the
+    sum errs on the high side), or ru_maxrss if that is more. A run that
+    fails is a UserError that shows the end of its log."""
     from helpers import common             # the scripts that call this put the repo first
+    peak, done = [0.0], threading.Event()
+
+    def sample(pid):
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], sum(resident_mb(p) for p in process_tree(pid)))
+
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
+        sampler.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            done.set()
+            sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise common.UserError(f"{Path(cmd[1]).name} failed; its output is in {log_path}:\n"
                                + Path(log_path).read_text()[-2000:])
-    return usage
+    return usage, max(peak[0], usage.ru_maxrss / 1024)
+
+
+def process_tree(pid):
+    """pid and every process below it (Linux's /proc; elsewhere pid alone)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return tree
+
+
+def resident_mb(pid):
+    """A process's resident memory (VmRSS) in MB; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def blas_info(kernels="as-set"):

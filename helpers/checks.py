@@ -795,7 +795,9 @@ def _fast_model(dtype, layers=None, seed=5):
 def _slices_against_the_lesson(where, make_model, x, y, runs, dtype):
     """train_in_slices on fresh models for each (threads, slice size) of runs
     against the lesson's loss_and_grads on the whole batch: loss, probs,
-    every gradient (and its float type), and the kept weights. Float64:
+    every gradient (and its float type), and the kept weights; with more
+    than one thread, once on threads and once with helper processes
+    (speedup.PROCESSES), wherever the network lets them be used. Float64:
     FAST_TOL; float32: the twin proof's tolerances (1e-5 forward, 1e-4
     gradients), as the slices add their gradients in another order."""
     forward_tol, grad_tol = (FAST_TOL, FAST_TOL) if dtype == "float64" else (1e-5, 1e-4)
@@ -803,41 +805,59 @@ def _slices_against_the_lesson(where, make_model, x, y, runs, dtype):
     loss, probs = nt.loss_and_grads(lesson.layers, x, y)
     want = {key: g for key, _, g in lesson.trainable_weights()}
     for threads, size in runs:
-        def in_slices(share_backward=None):
-            model, saved = make_model(), (speedup.SLICE, speedup.ShareOfBatch.backward)
-            speedup.SLICE = size
-            speedup.ShareOfBatch.backward = share_backward or saved[1]
-            try:
-                result = speedup.train_in_slices(nt, model.layers, x, y, threads)
-            finally:
-                speedup.SLICE, speedup.ShareOfBatch.backward = saved
-            return model, result
-        model, (got_loss, got_probs) = in_slices()
-        others = mistakes_like("speedup.ShareOfBatch.backward", lambda f: {
-            key: g for key, _, g in in_slices(f)[0].trainable_weights()})
-        saved, speedup.SLICE = speedup.SLICE, size
-        how = f"{len(speedup.training_slices(model.layers, len(x), threads))} slices on " \
-              f"{threads} thread{'s' if threads > 1 else ''}"
-        speedup.SLICE = saved
-        compare(f"{where} ({how}): the loss", got_loss, loss, tol=forward_tol)
-        compare(f"{where} ({how}): probs", got_probs, probs, tol=forward_tol)
-        for key, _, g in model.trainable_weights():
-            if g.dtype != np.dtype(dtype):
-                raise CheckFailed(f"{where} ({how}): d{key} is {g.dtype} in a {dtype} model: "
-                                  "a NumPy float64 number multiplied into a float32 array "
-                                  "makes it float64 (and twice as slow); use a Python float")
-            compare(f"{where} ({how}): d{key}", g, want[key], tol=grad_tol,
-                    lookalikes=[(grads[key], words) for grads, words in others])
-        for key, value in lesson.get_weights().items():
-            compare(f"{where} ({how}): the kept weight {key}", model.get_weights()[key], value,
-                    tol=forward_tol)
+        for processes in (False, True) if threads > 1 else (False,):
+            _slices_run(where, make_model, x, y, threads, size, processes, dtype, lesson,
+                        (loss, probs, want), (forward_tol, grad_tol))
 
 
-@check("speedup.train_in_slices", "speedup.ShareOfBatch", "speedup.fast_copies")
+def _slices_run(where, make_model, x, y, threads, size, processes, dtype, lesson, wanted,
+                tolerances):
+    (loss, probs, want), (forward_tol, grad_tol) = wanted, tolerances
+
+    def in_slices(share_backward=None):
+        model = make_model()
+        saved = (speedup.SLICE, speedup.ShareOfBatch.backward, speedup.PROCESSES)
+        speedup.SLICE, speedup.PROCESSES = size, processes
+        speedup.ShareOfBatch.backward = share_backward or saved[1]
+        try:
+            result = speedup.train_in_slices(nt, model.layers, x, y, threads)
+            used = bool(speedup._HELPERS) and speedup._HELPERS[0].layers is model.layers
+        finally:
+            speedup.SLICE, speedup.ShareOfBatch.backward, speedup.PROCESSES = saved
+            speedup.close_processes()
+        return model, result, used
+    model, (got_loss, got_probs), used = in_slices()
+    if processes and not used and not any(layer.state for layer in model.layers):
+        raise CheckFailed(f"{where}: with speedup.PROCESSES on, {threads} threads and a "
+                          "network with no running state, no helper process was used")
+    others = mistakes_like("speedup.ShareOfBatch.backward", lambda f: {
+        key: g for key, _, g in in_slices(f)[0].trainable_weights()})
+    saved, speedup.SLICE = speedup.SLICE, size
+    count = len(speedup.training_slices(model.layers, len(x), threads))
+    speedup.SLICE = saved
+    how = (f"{threads} slices, {threads - 1} in helper processes" if used else
+           f"{count} slices on {threads} thread{'s' if threads > 1 else ''}")
+    compare(f"{where} ({how}): the loss", got_loss, loss, tol=forward_tol)
+    compare(f"{where} ({how}): probs", got_probs, probs, tol=forward_tol)
+    for key, _, g in model.trainable_weights():
+        if g.dtype != np.dtype(dtype):
+            raise CheckFailed(f"{where} ({how}): d{key} is {g.dtype} in a {dtype} model: "
+                              "a NumPy float64 number multiplied into a float32 array "
+                              "makes it float64 (and twice as slow); use a Python float")
+        compare(f"{where} ({how}): d{key}", g, want[key], tol=grad_tol,
+                lookalikes=[(grads[key], words) for grads, words in others])
+    for key, value in lesson.get_weights().items():
+        compare(f"{where} ({how}): the kept weight {key}", model.get_weights()[key], value,
+                tol=forward_tol)
+
+
+@check("speedup.train_in_slices", "speedup.ShareOfBatch", "speedup.fast_copies",
+       "speedup.SliceProcesses")
 def check_fast_slices():
-    """loss_and_grads in slices on threads against the lesson's on the whole
-    batch, dropout on (the same mask, drawn for the batch): 2 or 3 slices on
-    1 to 3 threads, float64; and a float32 model keeps float32 gradients."""
+    """loss_and_grads in slices against the lesson's on the whole batch,
+    dropout on (the same mask, drawn for the batch): 2 or 3 slices on 1 to 3
+    threads, or on helper processes, float64; and a float32 model keeps
+    float32 gradients."""
     x = _rng().random((3 * speedup.MIN_SLICE + 5, 28, 28, 1))       # 53 examples
     y = _rng().integers(0, 10, len(x))
     runs = [(1, 26), (2, 16), (3, 32)]
@@ -863,10 +883,23 @@ def check_fast_batchnorm():
                                x, y, [(2, 21), (3, 14)], "float64")
 
 
-@check("speedup.logits_in_slices")
+@check("speedup.logits_in_slices", "speedup.SliceProcesses")
 def check_fast_logits():
-    """Inference in slices on threads against the lesson's logits."""
+    """Inference in slices, on threads and with a helper process, against the
+    lesson's logits."""
     model = _fast_model("float64")
     x = _rng().random((3 * speedup.MIN_SLICE + 5, 28, 28, 1))
-    compare("speedup.logits_in_slices: the logits", speedup.logits_in_slices(nt, model, x, 2),
-            nt.logits(model, x), tol=FAST_TOL)
+    want = nt.logits(model, x)
+    for processes in (False, True):
+        saved, speedup.PROCESSES = speedup.PROCESSES, processes
+        try:
+            got = speedup.logits_in_slices(nt, model, x, 2)
+            used = bool(speedup._HELPERS)
+        finally:
+            speedup.PROCESSES = saved
+            speedup.close_processes()
+        if processes and not used:
+            raise CheckFailed("speedup.logits_in_slices: with speedup.PROCESSES on and 2 "
+                              "threads, no helper process was used")
+        how = "a helper process" if used else "threads"
+        compare(f"speedup.logits_in_slices ({how}): the logits", got, want, tol=FAST_TOL)

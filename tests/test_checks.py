@@ -59,9 +59,9 @@ def test_every_check_is_for_something_and_every_fast_variant_has_a_check():
                                  "conv_pool_backward", "winograd_dx",
                                  "batchnorm_forward", "batchnorm_backward", "train_in_slices",
                                  "logits_in_slices", "ShareOfBatch", "InPlaceReLU", "FastConv2D",
-                                 "FastMaxPooling2D", "BatchNormOverSlices")
+                                 "FastMaxPooling2D", "BatchNormOverSlices", "SliceProcesses")
                if hasattr(speedup, name)]
-    assert len(machine) == 17
+    assert len(machine) == 18
     for name in machine:
         assert f"speedup.{name}" in subjects, name
 

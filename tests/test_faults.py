@@ -229,3 +229,57 @@ def test_the_keras_twin_draws_an_epochs_order_when_it_starts():
     batches.start_epoch(0)
     batches.start_epoch(1)
     assert np.array_equal(batches.order, data_utils.epoch_order(10, expected))
+
+
+def helper_pids(pid):
+    """The processes pid started (the NumPy twin's helper processes)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def gone(pids, seconds=20):
+    """Whether every one of pids has ended (a zombie waiting to be reaped has)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(_state(p) in (None, "Z") for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+def test_the_twin_s_helper_processes_end_with_it(how, tmp_path, real_data_dir):
+    """The NumPy twin trains a slice of each batch in a helper process on
+    each core but one. Ctrl-C (the terminal sends it to the whole process
+    group) stops the run with one line and the helpers with it; if the run
+    is killed outright, its helpers see it gone and end by themselves."""
+    proc = subprocess.Popen([sys.executable, SCRIPT["numpy"], "--train-limit", "3000",
+                             "--epochs", "50", "--out", str(tmp_path)], cwd=REPO,
+                            env=dict(os.environ, MNIST_DATA_DIR=str(real_data_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    line = ""
+    while "Epoch 2/" not in line:                        # it is training
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+    helpers = helper_pids(proc.pid)
+    assert len(helpers) == len(os.sched_getaffinity(0)) - 1
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines() == ["Interrupted (Ctrl-C); nothing was written."]
+    else:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert gone(helpers), helpers
+    assert not list(tmp_path.iterdir())

@@ -196,3 +196,41 @@ def test_the_twin_trains_with_the_fast_path_on_and_off(real_data_dir, tmp_path, 
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Test accuracy: " in proc.stdout
+
+
+class FailsInAHelper(nn.Flatten):
+    """Flatten that fails in a helper process only (as if it ran out of memory there)."""
+
+    def forward(self, x, training=False):
+        if speedup._IN_HELPER:
+            raise MemoryError
+        return super().forward(x, training)
+
+
+class AlwaysFails(nn.Flatten):
+    def forward(self, x, training=False):
+        raise ValueError("a mistake in the learner's layer")
+
+
+def _with_flatten(flatten):
+    return nn.Sequential([nn.Input(shape=(8, 8, 1)), nn.Conv2D(4, 3, activation="relu"),
+                          nn.MaxPooling2D(2), flatten, nn.Dense(10, activation="softmax")],
+                         seed=1, dtype="float64")
+
+
+def test_a_slice_that_fails_in_a_helper_process_is_done_here():
+    """A helper process that fails hands its slice back: this process runs
+    it, so the result is the lesson's; a mistake that fails everywhere is
+    raised here, with its own message, and the helpers are stopped."""
+    x, y = RNG.random((40, 8, 8, 1)), RNG.integers(0, 10, 40)
+    want = nn.loss_and_grads(_with_flatten(nn.Flatten()).layers, x, y)[0]
+    model = _with_flatten(FailsInAHelper())
+    try:
+        loss, _ = speedup.train_in_slices(nn, model.layers, x, y, threads=2)
+        assert speedup._HELPERS and speedup._HELPERS[0].layers is model.layers
+    finally:
+        speedup.close_processes()
+    assert abs(loss - want) < 1e-12
+    with pytest.raises(ValueError, match="a mistake in the learner's layer"):
+        speedup.train_in_slices(nn, _with_flatten(AlwaysFails()).layers, x, y, threads=2)
+    assert not speedup._HELPERS
