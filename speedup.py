@@ -12,17 +12,19 @@ the lesson's own functions are checked. Read the lesson first.
 
 Switched on, two lesson functions are replaced (and put back afterwards):
 loss_and_grads, which then cuts each batch into slices and runs the
-lesson's own loss_and_grads on each slice, on one thread per core, with
-fast copies of the layers; and logits (evaluation), the same for inference.
+lesson's own loss_and_grads on each slice, one slice per core, with fast
+copies of the layers; and logits (evaluation), the same for inference.
 MNIST_TWINS_FAST=0 leaves the lesson as it is.
 
 The ideas, each explained where it is used:
 1. Use every core (train_in_slices, _run). A matrix product spreads over the
    cores by itself, but NumPy's elementwise work (copying windows, ReLU,
-   max-pooling) runs on one. So each core's thread takes a slice of the
-   batch through the whole network, and BLAS is held to one thread per
-   slice. NumPy lets go of Python's lock (the GIL) inside its operations,
-   so the threads really run at once.
+   max-pooling) runs on one. So each core takes a slice of the batch
+   through the whole network, and BLAS is held to one thread per slice.
+   On threads, NumPy lets go of Python's lock (the GIL) inside its
+   operations, so the threads run at once, but they still queue for the
+   lock between operations; so where it can, each core after the first
+   gets a forked helper process with its own Python (SliceProcesses, 5.).
 2. Fuse what follows each other: a convolution, its ReLU and the 2 x 2
    max-pooling after it are one layer (conv_pool_forward), with im2col's
    rows in pooling-window order, so the pooling compares four contiguous
@@ -33,9 +35,12 @@ The ideas, each explained where it is used:
    instead of 36), no input gradient for the first layer (nothing uses it),
    outputs the pooling drops never computed.
 4. Touch memory less: ReLU in place; max-pool winners as one byte each;
-   freed memory kept for the next batch (keep_freed_memory).
+   the first layer's cheap product pooled block by block while the block
+   is in the CPU's cache (BLOCK); freed memory kept for the next batch
+   (keep_freed_memory).
 5. Keep the lock free: NumPy's @ holds the GIL for small results, np.dot
-   does not (conv2d_backward, conv_pool_backward).
+   does not (conv2d_backward, conv_pool_backward); better still, a process
+   of its own for each slice (SliceProcesses).
 What each buys, and where the time goes: docs/speed.md, from
 benchmarks/benchmark.py and benchmarks/layers.py.
 """
@@ -323,10 +328,10 @@ class SumOverSlices:
 # of them run Python at a time. NumPy lets go of the lock inside a large
 # operation, but each of the hundreds of calls a slice makes (a layer's
 # method, a reshape, a small product) needs it, and a thread that wants it
-# back waits while the other thread holds it. On 2 cores that waiting cost
-# about a seventh of a training step (docs/speed.md). A forked copy of this
-# process has its own interpreter and its own lock: it trains one slice of
-# every batch while this process trains another. What it needs from here
+# back waits while the other thread holds it (docs/speed.md's layer tables
+# time a whole step both ways, on threads and in processes). A forked copy
+# of this process has its own interpreter and its own lock: it trains one
+# slice of every batch while this process trains another. What it needs from here
 # each step (the weights, its rows of the batch, their dropout draws) and
 # what it hands back (its loss, probs and gradients) go through memory the
 # two processes share; a byte on a pipe says "go" and "done". Used where it

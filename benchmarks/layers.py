@@ -6,8 +6,9 @@
 For a batch of 128 real MNIST images, times each layer's forward and
 backward pass in both twins: the NumPy twin's functions as training runs
 them (the batch cut into slices of speedup.SLICE images, on one thread per
-core), and
-the same Keras layer under tf.function, forward alone and forward with
+core: a layer alone cannot be timed across processes; training runs its
+slices in helper processes, which the whole step's row and the slice
+sizes' line include), and the same Keras layer under tf.function, forward alone and forward with
 tf.GradientTape (backward = the difference). Then the loss, the optimizer
 step, a whole training step, and the evaluation of a batch of 256 (the
 validation pass). Each figure is the fastest of --repeats runs (the
@@ -195,17 +196,24 @@ def table(numpy, keras):
 
 
 def slice_sizes(x, y, sizes, repeats):
-    """{slice size: ms} for a whole training step of the fast path (the
-    batch in slices of about that many images, on one thread per core)."""
+    """{slice size: ms} for a whole training step of the fast path on
+    threads (the batch in slices of about that many images, one thread per
+    core), and {"processes": ms} for it with helper processes (one slice
+    per core, what training uses where it can)."""
     model, found = nt.build_model(seed=0), {}
-    saved = speedup.SLICE
+    saved = speedup.SLICE, speedup.PROCESSES
     try:
+        speedup.PROCESSES = False
         for size in sizes:
             speedup.SLICE = size
             found[size] = fastest(lambda: speedup.train_in_slices(nt, model.layers, x, y),
                                   repeats)
+        speedup.SLICE, speedup.PROCESSES = saved
+        found["processes"] = fastest(lambda: speedup.train_in_slices(nt, model.layers, x, y),
+                                     repeats)
     finally:
-        speedup.SLICE = saved
+        speedup.SLICE, speedup.PROCESSES = saved
+        speedup.close_processes()
     return found
 
 
@@ -230,8 +238,10 @@ def main(argv=None):
     keras = keras_times(x, y, args.repeats)
     print(table(numpy, keras))
     sizes = slice_sizes(x, y, (16, 32, 64), args.repeats)
-    print("Whole step by slice size (fast path): "
-          + ", ".join(f"{size} images {ms:.2f} ms" for size, ms in sizes.items()))
+    print("Whole step (fast path) on threads by slice size: "
+          + ", ".join(f"{size} images {ms:.2f} ms" for size, ms in sizes.items()
+                      if size != "processes")
+          + f"; with helper processes: {sizes['processes']:.2f} ms")
     if args.out:
         path = common.prepare_out_dir(args.out) / f"{args.name}.json"
         common.write_report(path, {

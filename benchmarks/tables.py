@@ -131,11 +131,16 @@ def layers(name):
                      "-" if k is None else f"{k:.2f}",
                      "-" if not k else f"{r['numpy_ms'] / k:.2f}",
                      f"{100 * r['numpy_ms'] / step:.1f}%" if r["pass"] else ""])
-    sizes = ", ".join(f"{s} images: {ms:.2f} ms" for s, ms in data["slice_sizes_ms"].items())
+    found = dict(data["slice_sizes_ms"])
+    on_processes = found.pop("processes", None)
+    sizes = "on threads in slices of " + ", ".join(f"{s} images {ms:.2f} ms"
+                                                  for s, ms in found.items())
+    if on_processes is not None:
+        sizes += f"; with helper processes (one slice per core): {on_processes:.2f} ms"
     return (_table(["layer", "pass", "NumPy ms", "Keras ms", "ratio", "share of the step"],
                    rows)
             + f"\n\nA batch of {data['batch']}, the fastest of {data['repeats']} runs of each. "
-            f"The whole fast step by slice size: {sizes}. {machine(data['machine'])}")
+            f"A whole fast step: {sizes}. {machine(data['machine'])}")
 
 
 def slice_choice(names, chosen):
@@ -144,7 +149,7 @@ def slice_choice(names, chosen):
     parts = []
     for name in names:
         data = load(name)
-        sizes = {int(s): ms for s, ms in data["slice_sizes_ms"].items()}
+        sizes = {int(s): ms for s, ms in data["slice_sizes_ms"].items() if s != "processes"}
         best = min(sizes, key=sizes.get)
         kernels = data["machine"]["blas_kernels"]
         parts.append(f"with the {kernels} kernels {best} images was fastest"
