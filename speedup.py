@@ -363,6 +363,9 @@ def close_processes():
         _HELPERS.pop().close()
 
 
+atexit.register(close_processes)
+
+
 _IN_HELPER = False                        # True in a helper process
 
 
@@ -388,7 +391,6 @@ class SliceProcesses:
                          if hasattr(layer, "rate")]
         self.units = int(np.prod(layers[-1].output_shape))
         self.workers = []
-        atexit.register(close_processes)
         for _ in range(threads - 1):
             self.workers.append(self._start())
 
@@ -454,7 +456,7 @@ class SliceProcesses:
         u_dtype = self._draw_dtype(copies[0], x) if training else \
             np.result_type(x.dtype, *[dtype for *_, dtype in self.weights[:1]])
         errors = "".join(_ERRSTATE.index(np.geterr()[k]).__str__() for k in _ERRKEYS)
-        busy = []
+        busy, sent, gone = [], [], False
         try:
             for worker, layers_s, rows in zip(self.workers, copies[1:], parts[1:]):
                 count = rows.stop - rows.start
@@ -470,18 +472,27 @@ class SliceProcesses:
                 message = struct.pack(_MESSAGE, count, n, x.dtype.char.encode(),
                                       np.dtype(u_dtype).char.encode(), errors.encode(),
                                       b"t" if training else b"i")
-                os.write(worker["go"], message)
+                try:
+                    os.write(worker["go"], message)
+                except OSError:                       # it is gone (killed, out of memory)
+                    sent.append(False)
+                    continue
+                sent.append(True)
                 busy.append(worker)
             if not _BLAS:
                 from threadpoolctl import ThreadpoolController
                 _BLAS.append(ThreadpoolController())
             with _BLAS[0].limit(limits=1, user_api="blas"):
                 results = [work(copies[0], parts[0])]
-            for worker, layers_s, rows in zip(self.workers, copies[1:], parts[1:]):
-                ok = os.read(worker["done"], 1)
-                busy.remove(worker)
+            for worker, layers_s, rows, was_sent in zip(self.workers, copies[1:], parts[1:],
+                                                        sent):
+                ok = b""
+                if was_sent:
+                    ok = os.read(worker["done"], 1)       # b"": it is gone
+                    busy.remove(worker)
                 if ok != b"\0":                       # it failed: this process tries, and
-                    results.append(work(layers_s, rows))   # says why if it fails too
+                    gone = gone or ok == b""          # says why if it fails too
+                    results.append(work(layers_s, rows))
                     continue
                 *_, loss, probs, grads = self._block(worker["memory"], x.dtype, u_dtype,
                                                      rows.stop - rows.start)
@@ -495,6 +506,8 @@ class SliceProcesses:
             if busy:                                  # a helper mid-step is of no more use
                 close_processes()
             raise
+        if gone:                                      # new helpers for the next batch
+            close_processes()
         return results
 
     def _draw_dtype(self, layers_s, x):

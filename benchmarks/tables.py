@@ -144,18 +144,29 @@ def layers(name):
 
 
 def slice_choice(names, chosen):
-    """Which slice size was fastest in each layers run, beside the one
-    speedup.SLICE uses, and how far the chosen one is from the fastest."""
-    parts = []
+    """Which slice size was fastest on threads in each layers run, beside the
+    one speedup.SLICE uses, and how far the chosen one is from the fastest;
+    then what the helper processes made of the whole step."""
+    parts, processes = [], []
     for name in names:
         data = load(name)
-        sizes = {int(s): ms for s, ms in data["slice_sizes_ms"].items() if s != "processes"}
+        found = data["slice_sizes_ms"]
+        sizes = {int(s): ms for s, ms in found.items() if s != "processes"}
         best = min(sizes, key=sizes.get)
         kernels = data["machine"]["blas_kernels"]
         parts.append(f"with the {kernels} kernels {best} images was fastest"
                      + ("" if best == chosen else
                         f", {chosen} images {100 * (sizes[chosen] / sizes[best] - 1):.0f}% slower"))
-    return (f"`speedup.SLICE` is {chosen}: " + "; ".join(parts) + ".")
+        if "processes" in found:
+            change = 100 * (found["processes"] / sizes[best] - 1)
+            processes.append(f"{found['processes']:.2f} ms with the {kernels} kernels, "
+                             f"{abs(change):.0f}% {'less' if change < 0 else 'more'} than the "
+                             f"fastest on threads ({sizes[best]:.2f} ms)")
+    text = f"`speedup.SLICE` is {chosen} (on threads): " + "; ".join(parts) + "."
+    if processes:
+        text += (" With the helper processes (one slice per core) a whole step took "
+                 + "; ".join(processes) + ".")
+    return text
 
 
 # --- Agreement -----------------------------------------------------------------------------

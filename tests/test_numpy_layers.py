@@ -4,6 +4,7 @@ the fast path switched on and off. The layer functions and every speed-up
 are checked in helpers/checks.py (run by tests/test_checks.py)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -234,3 +235,24 @@ def test_a_slice_that_fails_in_a_helper_process_is_done_here():
     with pytest.raises(ValueError, match="a mistake in the learner's layer"):
         speedup.train_in_slices(nn, _with_flatten(AlwaysFails()).layers, x, y, threads=2)
     assert not speedup._HELPERS
+
+
+def test_a_helper_process_that_dies_is_replaced():
+    """A helper killed between batches (out of memory, say): this process
+    trains its slice itself, the batch's result is the lesson's, and the
+    next batch gets a new helper."""
+    x, y = RNG.random((40, 8, 8, 1)), RNG.integers(0, 10, 40)
+    want = nn.loss_and_grads(_with_flatten(nn.Flatten()).layers, x, y)[0]
+    model = _with_flatten(nn.Flatten())
+    try:
+        speedup.train_in_slices(nn, model.layers, x, y, threads=2)
+        pid = speedup._HELPERS[0].workers[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        loss, _ = speedup.train_in_slices(nn, model.layers, x, y, threads=2)
+        assert abs(loss - want) < 1e-12
+        assert not speedup._HELPERS                   # the dead one was let go
+        loss, _ = speedup.train_in_slices(nn, model.layers, x, y, threads=2)
+        assert abs(loss - want) < 1e-12
+        assert speedup._HELPERS[0].workers[0]["pid"] != pid
+    finally:
+        speedup.close_processes()
