@@ -369,6 +369,27 @@ atexit.register(close_processes)
 _IN_HELPER = False                        # True in a helper process
 
 
+def fork_helper(serve):
+    """A forked copy of this process that runs serve(go, done) and ends (it
+    never returns to the caller's code); returns its pid, the pipe end to
+    write its "go" messages to and the one its "done" replies come on."""
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    with warnings.catch_warnings():               # Python 3.12 warns when threads exist
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(go_w)
+            os.close(done_r)
+            serve(go_r, done_w)
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    os.close(done_w)
+    return pid, go_w, done_r
+
+
 def _aligned(size):
     return -(-size // 64) * 64
 
@@ -428,21 +449,8 @@ class SliceProcesses:
 
     def _start(self):
         memory = mmap.mmap(-1, self._size())          # anonymous and shared: fork keeps it
-        go_r, go_w = os.pipe()
-        done_r, done_w = os.pipe()
-        with warnings.catch_warnings():               # Python 3.12 warns when threads exist
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:                                  # the helper: never returns
-            try:
-                os.close(go_w)
-                os.close(done_r)
-                self._serve(memory, go_r, done_w)
-            finally:
-                os._exit(0)
-        os.close(go_r)
-        os.close(done_w)
-        return {"pid": pid, "memory": memory, "go": go_w, "done": done_r}
+        pid, go, done = fork_helper(lambda go, done: self._serve(memory, go, done))
+        return {"pid": pid, "memory": memory, "go": go, "done": done}
 
     # --- this process's side ----------------------------------------------------
 

@@ -5,11 +5,10 @@
 
 For a batch of 128 real MNIST images, times each layer's forward and
 backward pass in both twins: the NumPy twin's functions as training runs
-them (the batch cut into slices of speedup.SLICE images, on one thread per
-core: a layer alone cannot be timed across processes; training runs its
-slices in helper processes, which the whole step's row and the slice
-sizes' line include), and the same Keras layer under tf.function, forward alone and forward with
-tf.GradientTape (backward = the difference). Then the loss, the optimizer
+them (one slice of the batch per core, each in its own process, as
+speedup.SliceProcesses trains them), and the same Keras layer under
+tf.function, forward alone and forward with tf.GradientTape (backward =
+the difference). Then the loss, the optimizer
 step, a whole training step, and the evaluation of a batch of 256 (the
 validation pass). Each figure is the fastest of --repeats runs (the
 machine's other load only ever adds time), in milliseconds.
@@ -19,6 +18,8 @@ step (the sum of its rows). docs/speed.md explains the big gaps.
 """
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,20 +51,18 @@ def fastest(fn, repeats):
 
 def numpy_times(x, y, repeats):
     """{(layer, "forward"/"backward"): ms} for the NumPy twin, as it trains:
-    each layer's fast copy (speedup.fast_copies) runs on the batch's slices,
-    on one thread per core."""
+    each layer's fast copy (speedup.fast_copies) runs on the batch's
+    slices, one slice per core, each in its own process (InProcesses, as
+    speedup.SliceProcesses trains them), or on threads where helper
+    processes are not used (speedup.PROCESSES off, or no fork)."""
     model, threads = nt.build_model(seed=0), speedup.cores()
-    parts = speedup.slices(len(x), threads)
+    in_processes = speedup.PROCESSES and threads > 1
+    parts = speedup.slices(len(x), threads, size=-(-len(x) // threads) if in_processes else None)
     copies, _ = speedup.fast_copies(model.layers, parts, training=True, x=x)
     inputs = [[x[rows]] for rows in parts]          # inputs[s][i]: layer i's input, slice s
     for i in range(len(model.layers)):
         for s, layers in enumerate(copies):
             inputs[s].append(layers[i].forward(inputs[s][i].copy(), training=True))
-    times = {}
-
-    def run(work):
-        return speedup._run(work, copies, parts, threads)
-
     douts = []
     for s, rows in enumerate(parts):
         _, probs = nt.softmax_cross_entropy(inputs[s][-1], y[rows])
@@ -71,23 +70,36 @@ def numpy_times(x, y, repeats):
     for i in reversed(range(len(model.layers))):       # the gradients each layer receives
         for s, layers in enumerate(copies):
             douts[s].insert(0, layers[i].backward(douts[s][0].copy()))
+
+    works = {}                                      # what each timed run does to one slice
     for i, layer in enumerate(model.layers):
         def forward(layers, rows, i=i):
             return layers[i].forward(inputs[parts.index(rows)][i].copy(), training=True)
 
         def backward(layers, rows, i=i):
             return layers[i].backward(douts[parts.index(rows)][i + 1].copy())
-
-        times[(layer.name, "forward")] = fastest(lambda: run(forward), repeats)
-        # backward needs the forward's cache: run the forward first, time the backward
-        times[(layer.name, "backward")] = fastest_after(
-            lambda: run(forward), lambda: run(backward), repeats)
-    times[("loss", "forward")] = fastest(lambda: run(
-        lambda layers, rows: nt.softmax_cross_entropy(inputs[parts.index(rows)][-1], y[rows])),
-        repeats)
-    times[("loss", "backward")] = fastest(lambda: run(
-        lambda layers, rows: nt.softmax_cross_entropy_backward(
-            nt.softmax(inputs[parts.index(rows)][-1]), y[rows])), repeats)
+        works[f"forward {i}"], works[f"backward {i}"] = forward, backward
+    works["loss"] = lambda layers, rows: nt.softmax_cross_entropy(
+        inputs[parts.index(rows)][-1], y[rows])
+    works["loss backward"] = lambda layers, rows: nt.softmax_cross_entropy_backward(
+        nt.softmax(inputs[parts.index(rows)][-1]), y[rows])
+    if in_processes:
+        run = InProcesses(works, copies, parts)
+    else:
+        def run(name):
+            return speedup._run(works[name], copies, parts, threads)
+    times = {}
+    try:
+        for i, layer in enumerate(model.layers):
+            times[(layer.name, "forward")] = fastest(lambda: run(f"forward {i}"), repeats)
+            # backward needs the forward's cache: run the forward first, time the backward
+            times[(layer.name, "backward")] = fastest_after(
+                lambda: run(f"forward {i}"), lambda: run(f"backward {i}"), repeats)
+        times[("loss", "forward")] = fastest(lambda: run("loss"), repeats)
+        times[("loss", "backward")] = fastest(lambda: run("loss backward"), repeats)
+    finally:
+        if in_processes:
+            run.close()
     optimizer = nt.Adam()
     with speedup.switched_on(nt):
         nt.train_step(model, optimizer, x, y)
@@ -98,6 +110,48 @@ def numpy_times(x, y, repeats):
         x_eval = np.concatenate([x, x])
         times[("evaluate 256", "")] = fastest(lambda: nt.logits(model, x_eval), repeats)
     return times
+
+
+class InProcesses:
+    """run(name): works[name](layers, rows) for every slice at the same time,
+    the first slice in this process and each other one in a forked helper
+    (BLAS on one thread in each), as training runs them; returns when all
+    are done. The helpers were forked with everything the works need."""
+
+    def __init__(self, works, copies, parts):
+        self.works, self.copies, self.parts, self.helpers = works, copies, parts, []
+        for s in range(1, len(parts)):
+            self.helpers.append(speedup.fork_helper(
+                lambda go, done, s=s: self._serve(s, go, done)))
+        from threadpoolctl import ThreadpoolController
+        self.blas = ThreadpoolController()
+
+    def _serve(self, s, go, done):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from threadpoolctl import ThreadpoolController
+        ThreadpoolController().limit(limits=1, user_api="blas")
+        while True:
+            name = os.read(go, 64).decode()
+            if not name:
+                return
+            self.works[name](self.copies[s], self.parts[s])
+            os.write(done, b"\0")
+
+    def __call__(self, name):
+        for _, go, _ in self.helpers:
+            os.write(go, name.encode())
+        with self.blas.limit(limits=1, user_api="blas"):
+            self.works[name](self.copies[0], self.parts[0])
+        for _, _, done in self.helpers:
+            if os.read(done, 1) != b"\0":
+                raise RuntimeError(f"a helper process failed to run {name}")
+
+    def close(self):
+        for pid, go, done in self.helpers:
+            os.close(go)
+            os.close(done)
+            os.waitpid(pid, 0)
+        self.helpers = []
 
 
 def fastest_after(setup, fn, repeats):
