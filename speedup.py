@@ -183,14 +183,11 @@ def logits_in_slices(lesson, model, x, threads=None):
     copies, _ = fast_copies(model.layers, parts, training=False)
     forward = lesson_function(lesson, "forward")
     x = x.astype(model.dtype, copy=False)
-
-    def work(layers_s, rows):
-        return forward(layers_s, x[rows])
-    if helpers and len(parts) == len(helpers.workers) + 1:
-        def work(layers_s, rows):       # noqa: F811 (a process's rows, SLICE at a time)
-            return in_pieces(forward, layers_s, x[rows])
-        return np.concatenate(helpers.run(work, copies, parts, x, None))
-    return np.concatenate(_run(work, copies, parts, threads))
+    if helpers and len(parts) == len(helpers.workers) + 1:      # a process's rows in pieces
+        return np.concatenate(helpers.run(
+            lambda layers_s, rows: in_pieces(forward, layers_s, x[rows]), copies, parts, x, None))
+    return np.concatenate(_run(lambda layers_s, rows: forward(layers_s, x[rows]),
+                               copies, parts, threads))
 
 
 def in_pieces(forward, layers, x):
@@ -331,10 +328,10 @@ class SumOverSlices:
 # back waits while the other thread holds it (docs/speed.md's layer tables
 # time a whole step both ways, on threads and in processes). A forked copy
 # of this process has its own interpreter and its own lock: it trains one
-# slice of every batch while this process trains another. What it needs from here
-# each step (the weights, its rows of the batch, their dropout draws) and
-# what it hands back (its loss, probs and gradients) go through memory the
-# two processes share; a byte on a pipe says "go" and "done". Used where it
+# slice of every batch while this process trains another. What it needs
+# from here each step (the weights, its rows of the batch, their dropout
+# draws) and what it hands back (its loss, probs and gradients) go through
+# memory the two processes share; a byte on a pipe says "go" and "done". Used where it
 # is safe: on systems with fork, for a network whose layers keep no running
 # state (batch normalization's slices wait for each other: threads, above).
 
@@ -459,11 +456,9 @@ class SliceProcesses:
         training, each slice's (loss, probs), the helpers' gradients left on
         their copies, as a thread's would be; at inference (y is None), each
         slice's logits."""
-        training = y is not None
-        n = len(x)
-        u_dtype = self._draw_dtype(copies[0], x) if training else \
-            np.result_type(x.dtype, *[dtype for *_, dtype in self.weights[:1]])
-        errors = "".join(_ERRSTATE.index(np.geterr()[k]).__str__() for k in _ERRKEYS)
+        training, n = y is not None, len(x)
+        u_dtype = self._number_type(copies[0], x, training)
+        errors = "".join(str(_ERRSTATE.index(np.geterr()[k])) for k in _ERRKEYS)
         busy, sent, gone = [], [], False
         try:
             for worker, layers_s, rows in zip(self.workers, copies[1:], parts[1:]):
@@ -518,9 +513,10 @@ class SliceProcesses:
             close_processes()
         return results
 
-    def _draw_dtype(self, layers_s, x):
-        for i, _ in self.dropouts:
-            return layers_s[i].rng.numbers.dtype
+    def _number_type(self, layers_s, x, training):
+        """The float type of the dropout draws and of the probs or logits."""
+        if training and self.dropouts:
+            return layers_s[self.dropouts[0][0]].rng.numbers.dtype
         return np.result_type(x.dtype, *[dtype for *_, dtype in self.weights[:1]])
 
     def close(self):

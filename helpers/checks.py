@@ -804,51 +804,47 @@ def _slices_against_the_lesson(where, make_model, x, y, runs, dtype):
     lesson = make_model()
     loss, probs = nt.loss_and_grads(lesson.layers, x, y)
     want = {key: g for key, _, g in lesson.trainable_weights()}
+
+    def one_run(threads, size, processes):
+        def in_slices(share_backward=None):
+            model = make_model()
+            saved = (speedup.SLICE, speedup.ShareOfBatch.backward, speedup.PROCESSES)
+            speedup.SLICE, speedup.PROCESSES = size, processes
+            speedup.ShareOfBatch.backward = share_backward or saved[1]
+            try:
+                result = speedup.train_in_slices(nt, model.layers, x, y, threads)
+                used = bool(speedup._HELPERS) and speedup._HELPERS[0].layers is model.layers
+            finally:
+                speedup.SLICE, speedup.ShareOfBatch.backward, speedup.PROCESSES = saved
+                speedup.close_processes()
+            return model, result, used
+        model, (got_loss, got_probs), used = in_slices()
+        if processes and not used and not any(layer.state for layer in model.layers):
+            raise CheckFailed(f"{where}: with speedup.PROCESSES on, {threads} threads and a "
+                              "network with no running state, no helper process was used")
+        others = mistakes_like("speedup.ShareOfBatch.backward", lambda f: {
+            key: g for key, _, g in in_slices(f)[0].trainable_weights()})
+        saved, speedup.SLICE = speedup.SLICE, size
+        count = len(speedup.training_slices(model.layers, len(x), threads))
+        speedup.SLICE = saved
+        how = (f"{threads} slices, {threads - 1} in helper processes" if used else
+               f"{count} slices on {threads} thread{'s' if threads > 1 else ''}")
+        compare(f"{where} ({how}): the loss", got_loss, loss, tol=forward_tol)
+        compare(f"{where} ({how}): probs", got_probs, probs, tol=forward_tol)
+        for key, _, g in model.trainable_weights():
+            if g.dtype != np.dtype(dtype):
+                raise CheckFailed(f"{where} ({how}): d{key} is {g.dtype} in a {dtype} model: "
+                                  "a NumPy float64 number multiplied into a float32 array "
+                                  "makes it float64 (and twice as slow); use a Python float")
+            compare(f"{where} ({how}): d{key}", g, want[key], tol=grad_tol,
+                    lookalikes=[(grads[key], words) for grads, words in others])
+        for key, value in lesson.get_weights().items():
+            compare(f"{where} ({how}): the kept weight {key}", model.get_weights()[key], value,
+                    tol=forward_tol)
+
     for threads, size in runs:
         for processes in (False, True) if threads > 1 else (False,):
-            _slices_run(where, make_model, x, y, threads, size, processes, dtype, lesson,
-                        (loss, probs, want), (forward_tol, grad_tol))
-
-
-def _slices_run(where, make_model, x, y, threads, size, processes, dtype, lesson, wanted,
-                tolerances):
-    (loss, probs, want), (forward_tol, grad_tol) = wanted, tolerances
-
-    def in_slices(share_backward=None):
-        model = make_model()
-        saved = (speedup.SLICE, speedup.ShareOfBatch.backward, speedup.PROCESSES)
-        speedup.SLICE, speedup.PROCESSES = size, processes
-        speedup.ShareOfBatch.backward = share_backward or saved[1]
-        try:
-            result = speedup.train_in_slices(nt, model.layers, x, y, threads)
-            used = bool(speedup._HELPERS) and speedup._HELPERS[0].layers is model.layers
-        finally:
-            speedup.SLICE, speedup.ShareOfBatch.backward, speedup.PROCESSES = saved
-            speedup.close_processes()
-        return model, result, used
-    model, (got_loss, got_probs), used = in_slices()
-    if processes and not used and not any(layer.state for layer in model.layers):
-        raise CheckFailed(f"{where}: with speedup.PROCESSES on, {threads} threads and a "
-                          "network with no running state, no helper process was used")
-    others = mistakes_like("speedup.ShareOfBatch.backward", lambda f: {
-        key: g for key, _, g in in_slices(f)[0].trainable_weights()})
-    saved, speedup.SLICE = speedup.SLICE, size
-    count = len(speedup.training_slices(model.layers, len(x), threads))
-    speedup.SLICE = saved
-    how = (f"{threads} slices, {threads - 1} in helper processes" if used else
-           f"{count} slices on {threads} thread{'s' if threads > 1 else ''}")
-    compare(f"{where} ({how}): the loss", got_loss, loss, tol=forward_tol)
-    compare(f"{where} ({how}): probs", got_probs, probs, tol=forward_tol)
-    for key, _, g in model.trainable_weights():
-        if g.dtype != np.dtype(dtype):
-            raise CheckFailed(f"{where} ({how}): d{key} is {g.dtype} in a {dtype} model: "
-                              "a NumPy float64 number multiplied into a float32 array "
-                              "makes it float64 (and twice as slow); use a Python float")
-        compare(f"{where} ({how}): d{key}", g, want[key], tol=grad_tol,
-                lookalikes=[(grads[key], words) for grads, words in others])
-    for key, value in lesson.get_weights().items():
-        compare(f"{where} ({how}): the kept weight {key}", model.get_weights()[key], value,
-                tol=forward_tol)
+            one_run(threads, size, processes)
 
 
 @check("speedup.train_in_slices", "speedup.ShareOfBatch", "speedup.fast_copies",
