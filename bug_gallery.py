@@ -386,14 +386,15 @@ def fast_maxpool_ties_to_last(x):
          "fast_conv_pool", diagnosis="it sends every window's gradient to its top-left "
          "corner; the winner (the corner that held the maximum) must get it")
 def fused_pool_to_top_left(dout, cache, need_dx=True):
-    x_shape, kernel, cols, winner, out = cache
+    x_shape, kernel, tiles, winner, out = cache
     N, H, W, C = x_shape
     K, _, _, F = kernel.shape
     P = N * ((H - K + 1) // 2) * ((W - K + 1) // 2)
     dpool = dout.reshape(P, F) if out is None else dout.reshape(P, F) * (out > 0)
     droutes = np.zeros((4, P, F), dout.dtype)
     droutes[0] = dpool                                             # the mistake: always corner 0
-    dx = speedup.winograd_dx(droutes, kernel, x_shape) if need_dx and K == 3 else None
+    dx = (speedup.winograd_backward(droutes, tiles, kernel, x_shape)[0]
+          if need_dx and K == 3 and C > 1 else None)
     return dx, np.zeros_like(kernel), dpool.sum(axis=0)
 
 

@@ -30,8 +30,9 @@ The ideas, each explained where it is used:
    rows in pooling-window order, so the pooling compares four contiguous
    blocks and the full feature map is never made; the ReLU runs after the
    pooling, on four times fewer numbers.
-3. Do fewer multiplications: the pooled layer's input gradient by
-   Winograd's F(2 x 2, 3 x 3) (winograd_dx: 16 products for each window
+3. Do fewer multiplications: a 3 x 3 convolution over many channels, and
+   its two gradients, by Winograd's F(2 x 2, 3 x 3) (winograd_tiles,
+   winograd_corners, winograd_backward: 16 products for each pooling window
    instead of 36), no input gradient for the first layer (nothing uses it),
    outputs the pooling drops never computed.
 4. Touch memory less: ReLU in place; max-pool winners as one byte each;
@@ -820,14 +821,20 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
     (the same for all four corners) changes no number: ReLU keeps the order
     of numbers, so relu(max(a, b, c, d)) = max(relu(a), ..., relu(d)), on
     an array four times smaller. Ties go to the first corner, as in the
-    lesson: the product computes equal windows' outputs equally.
+    lesson: the product computes equal windows' outputs equally (Winograd's
+    too, except windows equal only along a diagonal: see below).
+
+    A 3 x 3 kernel over many channels (the second layer) is done by
+    Winograd's algorithm (below) instead of im2col: 16 products for each
+    window's four corners instead of 36, block by block of images, each
+    block's corners pooled while they are in the cache.
 
     The first layer (one input channel) does its product in blocks of
     BLOCK pooling windows, each pooled while it is still in the CPU's
     cache (cache blocking): its product is cheap (sums of K*K = 9 terms)
     and makes four times the numbers it keeps, so done whole it waits on
-    memory, writing the four corners out and reading them back. A product
-    with long sums (the second layer's, 288 terms) is faster whole.
+    memory, writing the four corners out and reading them back. An im2col
+    product with long sums (288 terms, 3 x 3 x 32) was faster whole.
     """
     N, H, W, C = x.shape
     K, _, _, F = kernel.shape
@@ -848,6 +855,20 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
         for start in range(0, P, BLOCK):
             rows = slice(start, min(P, start + BLOCK))
             corners = np.matmul(flat[:, :, rows].transpose(0, 2, 1), kernel.reshape(K * K, F))
+            _pool_corners(corners, out[rows], None if winner is None else winner[rows],
+                          bias, relu)
+    elif K == 3:
+        # Winograd (below): the tiles' transforms, kept for the backward pass
+        # (the kernel's gradient), and the four corners of each block of
+        # windows, pooled while they are in the cache.
+        cols = np.empty((4, 4, N, T, S, C), x.dtype)          # B^T d B of every tile
+        U = winograd_kernel(kernel).astype(cols.dtype, copy=False)
+        step = max(1, WINOGRAD_BLOCK // (T * S))                # images per block
+        for n in range(0, N, step):
+            images, rows = slice(n, min(N, n + step)), slice(n * T * S, min(N, n + step) * T * S)
+            tiles = cols[:, :, images]
+            winograd_tiles(x[images], tiles)
+            corners = winograd_corners(np.matmul(tiles.reshape(16, -1, C), U))
             _pool_corners(corners, out[rows], None if winner is None else winner[rows],
                           bias, relu)
     else:
@@ -881,10 +902,10 @@ def conv_pool_backward(dout, cache, need_dx=True):
     maxpool2d_backward, relu_backward and conv2d_backward, in one.
     dout: (N, H'', W'', F) -> dx (None if not need_dx), dkernel, dbias.
     Each output's gradient goes to its window's winning corner block (four
-    contiguous arrays), then one product gives dkernel from the corners'
-    cols; dx comes from Winograd's algorithm run backward (winograd_dx) for
-    a 3 x 3 kernel, else from every window's share (one product), added back
-    onto the image corner by corner (col2im). The first layer (no dx, one
+    contiguous arrays). A layer done by Winograd's algorithm gets dx and
+    dkernel from it, run backward (winograd_backward); otherwise one product
+    gives dkernel from the corners' cols, and dx is every window's share
+    (one product), added back onto the image corner by corner (col2im). The first layer (no dx, one
     input channel) works in blocks, as its forward pass does, and adds up
     the blocks' dkernel and dbias."""
     x_shape, kernel, cols, winner, out = cache
@@ -903,6 +924,9 @@ def conv_pool_backward(dout, cache, need_dx=True):
             dbias += dpool.sum(axis=0)
         return None, dkernel.reshape(K, K, C, F), dbias
     dpool, droutes = _route(dout, winner, out)
+    if K == 3 and C > 1:                                      # Winograd's tiles (forward)
+        dx, dkernel = winograd_backward(droutes, cols, kernel, x_shape, need_dx)
+        return dx, dkernel, dpool.sum(axis=0)
     if C == 1:
         dkernel = sum(np.dot(cols[k].reshape(K * K, P), droutes[k]) for k in range(4))
     else:                                     # np.dot, not @: GIL-free (conv2d_backward)
@@ -911,8 +935,6 @@ def conv_pool_backward(dout, cache, need_dx=True):
     dbias = dpool.sum(axis=0)
     if not need_dx:
         return None, dkernel, dbias
-    if K == 3:
-        return winograd_dx(droutes, kernel, x_shape), dkernel, dbias
     dcols = (droutes.reshape(4 * P, F) @ kernel.reshape(K * K * C, F).T).reshape(
         4, N, T, S, K, K, C)
     dx = np.zeros(x_shape, dout.dtype)
@@ -940,66 +962,145 @@ def _route(dout, winner, out):
 #     B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
 #     G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
 #     A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-# Its 2 x 2 output tile is exactly a 2 x 2 pooling window. Run backward, it gives dx:
-# the transposes of A^T, the 16 products and B^T, in that order. (Not forward: its
-# outputs differ from the direct sum by rounding, and a max-pool window whose
-# maxima are tied would then pick its winner by rounding, not as the lesson does.)
+# Its 2 x 2 output tile is exactly a 2 x 2 pooling window, and tiles start every 2
+# pixels, as the windows do. With many channels, each of the 16 products "*" is a
+# matrix product over the channels: (tiles, C) @ (C, F), the transformed image
+# (B^T d B, winograd_tiles) times the transformed kernel (G g G^T, winograd_kernel);
+# A^T ... A (winograd_corners) then gives the four corners of every window. The
+# backward pass runs the same steps in reverse (winograd_backward): the kernel's
+# gradient from the kept tiles, the image's from the transformed kernel.
+#
+# Its outputs differ from the direct sum's by rounding, so it could decide the
+# winner of a window whose corners tie (which the lesson gives to the first). The
+# transforms only add and subtract, and two corners whose windows are equal (a flat
+# part of the image, or one that does not change along a row or a column) come out
+# exactly equal: the differences that tell them apart are exact zeros, and the
+# sums that make them add the same numbers in the same order. Only corners equal
+# along a diagonal (the top-left and bottom-right windows the same numbers, but not
+# the rest of the tile) may tie by rounding either way.
 WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
 WINOGRAD_K16 = np.kron(WINOGRAD_G, WINOGRAD_G)            # (16, 9): g (3x3) -> G g G^T
 
-
-def _tile_transform_back(dV, x_shape, T, S):
-    """The transpose of d -> B^T d B for every 4 x 4 tile of the image
-    (tiles start every 2 pixels and overlap by 2): each tile position's
-    gradient dV[i][j] (N, T, S, C) added back onto the image, columns first
-    (B's rows), then rows."""
-    N, H, W, C = x_shape
-    dx = np.zeros(x_shape, dV[0][0].dtype)
-    for i, rows in enumerate(((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))):
-        v0, v1, v2, v3 = dV[i]
-        dt = np.zeros((N, T, W, C), v0.dtype)                   # d(row combination i)
-        dt[:, :, 0:2 * S:2] += v0                               # the columns of B^T:
-        column = np.subtract(v1, v2)                            # (1, 0, 0, 0), (0, 1, -1, 1),
-        column += v3                                            # (-1, 1, 1, 0), (0, 0, 0, -1)
-        dt[:, :, 1:1 + 2 * S:2] += column
-        np.add(v1, v2, out=column)
-        column -= v0
-        dt[:, :, 2:2 + 2 * S:2] += column
-        dt[:, :, 3:3 + 2 * S:2] -= v3
-        for r, sign in enumerate(rows):                         # row combination i of B^T
-            target = dx[:, r:r + 2 * T:2]
-            if sign > 0:
-                target += dt
-            elif sign < 0:
-                target -= dt
-    return dx
+# Pooled windows per block of the Winograd layer: its 16 products for a block
+# (16 x 400 x 64 float32 numbers for the second layer, 1.6 MB) stay in a core's
+# L2 cache until the corners are made of them.
+WINOGRAD_BLOCK = 400
 
 
-def winograd_dx(droutes, kernel, x_shape):
-    """The input gradient of a 3 x 3 convolution pooled 2 x 2, from the
-    corners' gradients (4, P, F), by Winograd's F(2 x 2, 3 x 3) run
-    backward: 16 products (P x F) @ (F x C) and additions, where col2im
-    would need one product of 2.25 times the size and 36 scattered sums.
-    The 16 tile positions' gradients are A's transpose applied to the
-    corners', dM[i][j] = s * (e_i[j] +- e_i'[j]); each sign s rides on the
-    transformed kernel, and no (16, P, F) array is made."""
+def winograd_kernel(kernel):
+    """G g G^T for each (channel, filter) of a 3 x 3 kernel (3, 3, C, F): (16, C, F)."""
+    _, _, C, F = kernel.shape
+    return (WINOGRAD_K16.astype(kernel.dtype) @ kernel.reshape(9, C * F)).reshape(16, C, F)
+
+
+def _every_other(a, axis, start, count):
+    """a's positions start, start + 2, ... (count of them) along axis: a view."""
+    where = [slice(None)] * a.ndim
+    where[axis] = slice(start, start + 2 * count, 2)
+    return a[tuple(where)]
+
+
+def _transform(source, parts, axis, count):
+    """B^T along one axis: parts[i] = row i of B^T applied to every 4 positions
+    2t, ..., 2t + 3 (t < count) of source along axis."""
+    p0, p1, p2, p3 = (_every_other(source, axis, r, count) for r in range(4))
+    np.subtract(p0, p2, out=parts[0])
+    np.add(p1, p2, out=parts[1])
+    np.subtract(p2, p1, out=parts[2])
+    np.subtract(p1, p3, out=parts[3])
+
+
+def _transform_back(parts, out, axis, count):
+    """The transpose of _transform: out (the positions along axis that no tile
+    covers set to zero) = every tile's four parts, added back where they came from."""
+    p0, p1, p2, p3 = parts
+    where = [slice(None)] * out.ndim
+    where[axis] = slice(2 * count, None)
+    out[tuple(where)] = 0
+    _every_other(out, axis, 0, count)[...] = p0             # B^T's columns: (1, 0, 0, 0),
+    second = _every_other(out, axis, 1, count)              # (0, 1, -1, 1),
+    np.subtract(p1, p2, out=second)
+    second += p3
+    third = np.add(p1, p2)                                  # (-1, 1, 1, 0),
+    third -= p0
+    _every_other(out, axis, 2, count)[...] += third
+    _every_other(out, axis, 3, count)[...] -= p3            # (0, 0, 0, -1)
+
+
+def winograd_tiles(x, tiles):
+    """B^T d B for every 4 x 4 tile d of x (N, H, W, C), tiles every 2 pixels,
+    into tiles (4, 4, N, T, S, C): rows first, then columns."""
+    N, _, W, C = x.shape
+    T, S = tiles.shape[3], tiles.shape[4]
+    rows = np.empty((4, N, T, W, C), x.dtype)
+    _transform(x, rows, 1, T)
+    _transform(rows, [tiles[:, j] for j in range(4)], 3, S)
+
+
+def winograd_corners(products):
+    """A^T M A: the 16 products (16, P, F) of P tiles -> their 2 x 2 outputs,
+    the corners (4, P, F) in CORNERS order. A^T's rows: (1, 1, 1, 0), (0, 1, -1, -1)."""
+    _, P, F = products.shape
+    m = products.reshape(4, 4, P, F)
+    half = np.empty((4, 2, P, F), m.dtype)                   # (j, output row)
+    np.add(m[0], m[1], out=half[:, 0])
+    half[:, 0] += m[2]
+    np.subtract(m[1], m[2], out=half[:, 1])
+    half[:, 1] -= m[3]
+    corners = np.empty((2, 2, P, F), m.dtype)                # (output row, output column)
+    np.add(half[0], half[1], out=corners[:, 0])
+    corners[:, 0] += half[2]
+    np.subtract(half[1], half[2], out=corners[:, 1])
+    corners[:, 1] -= half[3]
+    return corners.reshape(4, P, F)
+
+
+def _corners_back(droutes):
+    """The transpose of winograd_corners: the corners' gradients (4, P, F) ->
+    the 16 products' (16, P, F), A dY A^T."""
+    _, P, F = droutes.shape
+    dy = droutes.reshape(2, 2, P, F)
+    half = np.empty((4, 2, P, F), dy.dtype)                  # (j, output row)
+    half[0] = dy[:, 0]
+    np.add(dy[:, 0], dy[:, 1], out=half[1])
+    np.subtract(dy[:, 0], dy[:, 1], out=half[2])
+    np.negative(dy[:, 1], out=half[3])
+    dm = np.empty((4, 4, P, F), dy.dtype)
+    dm[0] = half[:, 0]
+    np.add(half[:, 0], half[:, 1], out=dm[1])
+    np.subtract(half[:, 0], half[:, 1], out=dm[2])
+    np.negative(half[:, 1], out=dm[3])
+    return dm.reshape(16, P, F)
+
+
+def winograd_backward(droutes, tiles, kernel, x_shape, need_dx=True):
+    """The gradients of conv_pool_forward's Winograd layer, from its corners'
+    (4, P, F) and the tiles its forward pass kept: dx (None if not need_dx)
+    and dkernel. Block by block of images, as forward: the 16 products'
+    gradients dM (A dY A^T), then dU = tiles^T @ dM (16 products over the
+    block's tiles, added up over the blocks) and dV = dM @ U^T, which the
+    transposes of the tile transforms add back onto the image. At the end,
+    dkernel = G^T dU G. 16 products each way, where im2col's would be 2.25
+    times the size."""
     N, H, W, C = x_shape
     F = kernel.shape[3]
-    T, S = (H - 2) // 2, (W - 2) // 2
-    U = (WINOGRAD_K16.astype(kernel.dtype) @ kernel.reshape(9, C * F)).reshape(4, 4, C, F)
-    tl, tr, bl, br = droutes
-    # e[a][j] = sum_b A[j][b] dY[a][b], A = [[1, 0], [1, 1], [1, -1], [0, -1]] (sign of
-    # the last apart), for the top (a = 0) and the bottom (a = 1) row of corners.
-    e = [(tl, tl + tr, tl - tr, tr), (bl, bl + br, bl - br, br)]
-    signs = (1, 1, 1, -1)
-    dV = [[None] * 4 for _ in range(4)]
-    for j in range(4):
-        top, bottom, s = e[0][j], e[1][j], signs[j]
-        for i, dm, sign in ((0, top, s), (1, top + bottom, s), (2, top - bottom, s),
-                            (3, bottom, -s)):
-            Ut = U[i, j].T if sign > 0 else -U[i, j].T
-            dV[i][j] = (dm @ Ut).reshape(N, T, S, C)
-    return _tile_transform_back(dV, x_shape, T, S)
+    T, S = tiles.shape[3], tiles.shape[4]
+    dtype = droutes.dtype
+    U_t = winograd_kernel(kernel).astype(dtype, copy=False).transpose(0, 2, 1)  # (16, F, C)
+    dU = np.zeros((16, C, F), np.result_type(tiles, dtype))
+    dx = np.empty(x_shape, dtype) if need_dx else None
+    step = max(1, WINOGRAD_BLOCK // (T * S))
+    for n in range(0, N, step):
+        images, rows = slice(n, min(N, n + step)), slice(n * T * S, min(N, n + step) * T * S)
+        dm = _corners_back(droutes[:, rows])
+        dU += np.matmul(tiles[:, :, images].reshape(16, -1, C).transpose(0, 2, 1), dm)
+        if need_dx:
+            dv = np.matmul(dm, U_t).reshape(4, 4, -1, T, S, C)
+            drows = np.empty((4, dv.shape[2], T, W, C), dtype)
+            _transform_back([dv[:, j] for j in range(4)], drows, 3, S)
+            _transform_back(drows, dx[images], 1, T)
+    dkernel = WINOGRAD_K16.T.astype(dU.dtype) @ dU.reshape(16, C * F)
+    return dx, dkernel.reshape(3, 3, C, F)
 
 
 def maxpool2d_forward(x):

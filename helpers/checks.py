@@ -747,39 +747,56 @@ def _conv_pool_pair(x_shape, C, K, rng):
     return layers
 
 
-@check("speedup.conv_pool_forward", "speedup.conv_pool_backward", "speedup.winograd_dx",
+@check("speedup.conv_pool_forward", "speedup.conv_pool_backward", "speedup.winograd_tiles",
+       "speedup.winograd_corners", "speedup.winograd_backward",
        "speedup.InPlaceReLU", "speedup.FastConv2D", "speedup.FastMaxPooling2D")
 def check_fast_conv_pool():
     """Conv2D(relu) then MaxPooling2D(2), as one layer of the slices (im2col
-    in pooling-window order, the ReLU after the pooling, dx by Winograd for
-    3 x 3 kernels, col2im for others) against the lesson's two layers: the
-    output, dx, dkernel and dbias, to FAST_TOL, for one and for three input
-    channels, odd and even sizes, and an image with flat regions (where the
-    four corners of a window tie, and the first must win, as in the lesson)."""
+    in pooling-window order, the ReLU after the pooling; Winograd's
+    algorithm for 3 x 3 kernels over many channels, in blocks of images)
+    against the lesson's two layers: the output, dx, dkernel and dbias, to
+    FAST_TOL, for one to three input channels, odd and even sizes, images
+    with flat parts and with parts that do not change down a column or along
+    a row (where corners of a window tie, and the first must win, as in the
+    lesson), and blocks of two images and of one (the last)."""
     rng = _rng()
+    saved = speedup.WINOGRAD_BLOCK
     for x_shape, K in (((2, 9, 8, 3), 3), ((2, 10, 11, 1), 3), ((2, 8, 8, 2), 2),
-                       ((2, 12, 12, 3), 3)):
+                       ((2, 12, 12, 3), 3), ((3, 14, 13, 2), 3)):
         x = rng.normal(size=x_shape)
         if x_shape[1] == 12:
             x[:, 2:10, 1:9] = 0.5                                    # flat: ties everywhere
-        layers = _conv_pool_pair(x_shape, x_shape[3], K, rng)
-        ((conv, pool),), _ = speedup.fast_copies(layers, [slice(0, 2)], training=True)
-        conv.first = False
-        if not (conv.pooled and pool.in_conv):
-            raise CheckFailed("speedup.fast_copies: a Conv2D followed by MaxPooling2D(2) "
-                              "should become one layer (pooled)")
-        where = f"speedup.conv_pool (x {x_shape}, {K} x {K} kernel)"
-        out = nt.forward(layers, x, training=True)
-        compare(f"{where}: out", nt.forward([conv, pool], x, training=True), out, tol=FAST_TOL)
-        dout = rng.normal(size=out.shape)
-        want = [layers[0].backward(layers[1].backward(dout)), layers[0].dkernel,
-                layers[0].dbias]
-        got = [conv.backward(pool.backward(dout.copy())), conv.dkernel, conv.dbias]
-        others = mistakes_like("speedup.conv_pool_backward", lambda f: f(dout, conv.cache)[0])
-        patterns = {"dx": [(overlap_mask(x_shape, K), OVERLAP)]}
-        for name_, g, w in zip(("dx", "dkernel", "dbias"), got, want):
-            compare(f"{where}: {name_}", g, w, tol=FAST_TOL, patterns=patterns.get(name_, ()),
-                    lookalikes=others if name_ == "dx" else ())
+        if x_shape[1] == 14:
+            x[:, 1:13, 0:7] = rng.normal(size=(1, 1, 7, 2))          # the same down a column
+            x[:, 0:7, 7:13] = rng.normal(size=(1, 7, 1, 2))          # the same along a row
+            speedup.WINOGRAD_BLOCK = 2 * ((14 - 2) // 2) * ((13 - 2) // 2)   # 2 images a block
+        try:
+            _conv_pool_against_the_lesson(x, K, rng)
+        finally:
+            speedup.WINOGRAD_BLOCK = saved
+
+
+def _conv_pool_against_the_lesson(x, K, rng):
+    """One case of check_fast_conv_pool."""
+    x_shape = x.shape
+    layers = _conv_pool_pair(x_shape, x_shape[3], K, rng)
+    ((conv, pool),), _ = speedup.fast_copies(layers, [slice(0, len(x))], training=True)
+    conv.first = False
+    if not (conv.pooled and pool.in_conv):
+        raise CheckFailed("speedup.fast_copies: a Conv2D followed by MaxPooling2D(2) "
+                          "should become one layer (pooled)")
+    where = f"speedup.conv_pool (x {x_shape}, {K} x {K} kernel)"
+    out = nt.forward(layers, x, training=True)
+    compare(f"{where}: out", nt.forward([conv, pool], x, training=True), out, tol=FAST_TOL)
+    dout = rng.normal(size=out.shape)
+    want = [layers[0].backward(layers[1].backward(dout)), layers[0].dkernel,
+            layers[0].dbias]
+    got = [conv.backward(pool.backward(dout.copy())), conv.dkernel, conv.dbias]
+    others = mistakes_like("speedup.conv_pool_backward", lambda f: f(dout, conv.cache)[0])
+    patterns = {"dx": [(overlap_mask(x_shape, K), OVERLAP)]}
+    for name_, g, w in zip(("dx", "dkernel", "dbias"), got, want):
+        compare(f"{where}: {name_}", g, w, tol=FAST_TOL, patterns=patterns.get(name_, ()),
+                lookalikes=others if name_ == "dx" else ())
 
 
 def _fast_model(dtype, layers=None, seed=5):
