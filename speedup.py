@@ -862,10 +862,8 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
         # (the kernel's gradient), and the four corners of each block of
         # windows, pooled while they are in the cache.
         cols = np.empty((4, 4, N, T, S, C), x.dtype)          # B^T d B of every tile
-        U = winograd_kernel(kernel).astype(cols.dtype, copy=False)
-        step = max(1, WINOGRAD_BLOCK // (T * S))                # images per block
-        for n in range(0, N, step):
-            images, rows = slice(n, min(N, n + step)), slice(n * T * S, min(N, n + step) * T * S)
+        U = winograd_kernel(kernel)
+        for images, rows in _image_blocks(N, T * S):
             tiles = cols[:, :, images]
             winograd_tiles(x[images], tiles)
             corners = winograd_corners(np.matmul(tiles.reshape(16, -1, C), U))
@@ -905,9 +903,9 @@ def conv_pool_backward(dout, cache, need_dx=True):
     contiguous arrays). A layer done by Winograd's algorithm gets dx and
     dkernel from it, run backward (winograd_backward); otherwise one product
     gives dkernel from the corners' cols, and dx is every window's share
-    (one product), added back onto the image corner by corner (col2im). The first layer (no dx, one
-    input channel) works in blocks, as its forward pass does, and adds up
-    the blocks' dkernel and dbias."""
+    (one product), added back onto the image corner by corner (col2im).
+    The first layer (no dx, one input channel) works in blocks, as its
+    forward pass does, and adds up the blocks' dkernel and dbias."""
     x_shape, kernel, cols, winner, out = cache
     N, H, W, C = x_shape
     K, _, _, F = kernel.shape
@@ -985,6 +983,15 @@ WINOGRAD_K16 = np.kron(WINOGRAD_G, WINOGRAD_G)            # (16, 9): g (3x3) -> 
 # (16 x 400 x 64 float32 numbers for the second layer, 1.6 MB) stay in a core's
 # L2 cache until the corners are made of them.
 WINOGRAD_BLOCK = 400
+
+
+def _image_blocks(N, windows):
+    """The blocks of WINOGRAD_BLOCK pooled windows (at least one image each)
+    of N images with `windows` windows each: (images, their windows' rows)."""
+    step = max(1, WINOGRAD_BLOCK // windows)
+    for n in range(0, N, step):
+        end = min(N, n + step)
+        yield slice(n, end), slice(n * windows, end * windows)
 
 
 def winograd_kernel(kernel):
@@ -1086,12 +1093,10 @@ def winograd_backward(droutes, tiles, kernel, x_shape, need_dx=True):
     F = kernel.shape[3]
     T, S = tiles.shape[3], tiles.shape[4]
     dtype = droutes.dtype
-    U_t = winograd_kernel(kernel).astype(dtype, copy=False).transpose(0, 2, 1)  # (16, F, C)
+    U_t = winograd_kernel(kernel).transpose(0, 2, 1)                     # (16, F, C)
     dU = np.zeros((16, C, F), np.result_type(tiles, dtype))
     dx = np.empty(x_shape, dtype) if need_dx else None
-    step = max(1, WINOGRAD_BLOCK // (T * S))
-    for n in range(0, N, step):
-        images, rows = slice(n, min(N, n + step)), slice(n * T * S, min(N, n + step) * T * S)
+    for images, rows in _image_blocks(N, T * S):
         dm = _corners_back(droutes[:, rows])
         dU += np.matmul(tiles[:, :, images].reshape(16, -1, C).transpose(0, 2, 1), dm)
         if need_dx:
