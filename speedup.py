@@ -63,7 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 # Examples per slice (see slices), and the fewest worth a slice of their own.
 SLICE = 64
@@ -865,21 +865,18 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
     out = np.empty((P, F), np.result_type(x, kernel))
     winner = np.empty((P, F), np.uint8) if training else None   # which corner won: 0..3
     if C == 1:
-        # One input channel (the first layer): K*K shifted images for each
-        # corner, each copied whole into its own row of cols ("tap-major",
-        # (corner, a b, window)); the product reads cols transposed.
-        cols = np.empty((4, K * K, N, T, S), x.dtype)
-        for k, (u, v) in enumerate(CORNERS):
-            for a in range(K):
-                for b in range(K):
-                    cols[k, a * K + b] = x[:, u + a:u + a + 2 * T:2, v + b:v + b + 2 * S:2, 0]
-        flat = cols.reshape(4, K * K, P)
+        # One input channel (the first layer): tap-major cols, one shifted
+        # image per row, that the product reads transposed (shifted_images).
+        cols = shifted_images(x, K, T, S)                     # (u, v, a b, window)
         after = _bias_and_zeros(bias, min(P, BLOCK), out.dtype, relu)
+        # (given out: the product would lay its corners out as cols's strides go)
+        corners = np.empty((2, 2, min(P, BLOCK), F), out.dtype)
         for start in range(0, P, BLOCK):
             rows = slice(start, min(P, start + BLOCK))
-            corners = np.matmul(flat[:, :, rows].transpose(0, 2, 1), kernel.reshape(K * K, F))
-            _pool_corners(corners, out[rows], None if winner is None else winner[rows],
-                          *after)
+            block = corners[:, :, :rows.stop - start]
+            np.matmul(cols[..., rows].swapaxes(2, 3), kernel.reshape(K * K, F), out=block)
+            _pool_corners(block.reshape(4, -1, F), out[rows],
+                          None if winner is None else winner[rows], *after)
     elif K == 3:
         # Winograd (below): the tiles' transforms, kept for the backward pass
         # (the kernel's gradient), and the four corners of each block of
@@ -902,6 +899,33 @@ def conv_pool_forward(x, kernel, bias, relu, training=True):
         corners = (cols.reshape(4 * P, -1) @ kernel.reshape(K * K * C, F)).reshape(4, P, F)
         _pool_corners(corners, out, winner, *_bias_and_zeros(bias, P, out.dtype, relu))
     return out.reshape(N, T, S, F), (x.shape, kernel, cols, winner, out if relu else None)
+
+
+def shifted_images(x, K, T, S):
+    """The first layer's cols, tap-major: for each pooling window's corner
+    (u, v) and each tap (a, b) of the K x K kernel, the image x (N, H, W, 1)
+    read from row u + a and column v + b, every other pixel, T x S of them:
+    (2, 2, K*K, N*T*S), a view.
+
+    Corners share images: the top-left corner's tap (1, 0) reads what the
+    bottom-left corner's tap (0, 0) reads. So only 2 (K + 1) K of the
+    4 K K images are made (24 of 36 for a 3 x 3 kernel), stored as
+    images[v, r, b] (r = u + a), and each corner's K*K rows are K
+    consecutive r's of its v: rows u K ... u K + K*K - 1 of images[v],
+    evenly spaced, one view. Copying an image (T rows of S every-other
+    pixels) is all loop and no arithmetic, so a third fewer is a third less
+    time (measured, 64 images: 0.111 against 0.167 ms)."""
+    N, dtype = x.shape[0], x.dtype
+    P = N * T * S
+    images = np.empty((2, K + 1, K, N, T, S), dtype)
+    for v in range(2):
+        for r in range(K + 1):
+            for b in range(K):
+                images[v, r, b] = x[:, r:r + 2 * T:2, v + b:v + b + 2 * S:2, 0]
+    step = images.strides[-1] * P                             # one image
+    return as_strided(
+        images, shape=(2, 2, K * K, P), strides=(K * step, (K + 1) * K * step, step,
+                                                  images.strides[-1]), writeable=False)
 
 
 def _bias_and_zeros(bias, rows, dtype, relu):
@@ -953,13 +977,12 @@ def conv_pool_backward(dout, cache, need_dx=True):
     P = N * T * S
     dout = dout.reshape(P, F)
     if C == 1 and not need_dx:                                # tap-major cols (forward)
-        flat = cols.reshape(4, K * K, P)
         dkernel, dbias = np.zeros((K * K, F), dout.dtype), np.zeros(F, dout.dtype)
         ones = np.ones(min(P, BLOCK), dout.dtype)
         for start in range(0, P, BLOCK):
             rows = slice(start, min(P, start + BLOCK))
             dpool, droutes = _route(dout[rows], winner[rows], None if out is None else out[rows])
-            dkernel += np.matmul(flat[:, :, rows], droutes).sum(axis=0)
+            dkernel += np.matmul(cols[..., rows], droutes.reshape(2, 2, -1, F)).sum(axis=(0, 1))
             dbias += _column_sums(dpool, ones)
         return None, dkernel.reshape(K, K, C, F), dbias
     dpool, droutes = _route(dout, winner, out)
@@ -967,7 +990,7 @@ def conv_pool_backward(dout, cache, need_dx=True):
         dx, dkernel = winograd_backward(droutes, cols, kernel, x_shape, need_dx)
         return dx, dkernel, _column_sums(dpool)
     if C == 1:
-        dkernel = sum(np.dot(cols[k].reshape(K * K, P), droutes[k]) for k in range(4))
+        dkernel = sum(np.dot(cols[u, v], droutes[k]) for k, (u, v) in enumerate(CORNERS))
     else:                                     # np.dot, not @: GIL-free (conv2d_backward)
         dkernel = np.dot(cols.reshape(4 * P, -1).T, droutes.reshape(4 * P, F))
     dkernel = dkernel.reshape(K, K, C, F)

@@ -747,8 +747,8 @@ def _conv_pool_pair(x_shape, C, K, rng):
     return layers
 
 
-@check("speedup.conv_pool_forward", "speedup.conv_pool_backward", "speedup.winograd_tiles",
-       "speedup.winograd_corners", "speedup.winograd_backward",
+@check("speedup.conv_pool_forward", "speedup.conv_pool_backward", "speedup.shifted_images",
+       "speedup.winograd_tiles", "speedup.winograd_corners", "speedup.winograd_backward",
        "speedup.InPlaceReLU", "speedup.FastConv2D", "speedup.FastMaxPooling2D")
 def check_fast_conv_pool():
     """Conv2D(relu) then MaxPooling2D(2), as one layer of the slices (im2col
@@ -762,7 +762,7 @@ def check_fast_conv_pool():
     rng = _rng()
     saved = speedup.WINOGRAD_BLOCK
     for x_shape, K in (((2, 9, 8, 3), 3), ((2, 10, 11, 1), 3), ((2, 8, 8, 2), 2),
-                       ((2, 12, 12, 3), 3), ((3, 14, 13, 2), 3)):
+                       ((2, 12, 12, 3), 3), ((3, 14, 13, 2), 3), ((2, 9, 10, 1), 2)):
         x = rng.normal(size=x_shape)
         if x_shape[1] == 12:
             x[:, 2:10, 1:9] = 0.5                                    # flat: ties everywhere

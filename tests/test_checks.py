@@ -56,13 +56,14 @@ def test_every_check_is_for_something_and_every_fast_variant_has_a_check():
     assert all(c.subjects for c in checks.CHECKS)
     machine = [name for name in ("im2col_with_ones", "conv2d_forward", "conv2d_backward",
                                  "maxpool2d_forward", "maxpool2d_backward", "conv_pool_forward",
-                                 "conv_pool_backward", "winograd_tiles", "winograd_corners",
+                                 "conv_pool_backward", "shifted_images", "winograd_tiles",
+                                 "winograd_corners",
                                  "winograd_backward",
                                  "batchnorm_forward", "batchnorm_backward", "train_in_slices",
                                  "logits_in_slices", "ShareOfBatch", "InPlaceReLU", "FastConv2D",
                                  "FastMaxPooling2D", "BatchNormOverSlices", "SliceProcesses")
                if hasattr(speedup, name)]
-    assert len(machine) == 20
+    assert len(machine) == 21
     for name in machine:
         assert f"speedup.{name}" in subjects, name
 
