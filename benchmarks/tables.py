@@ -169,6 +169,43 @@ def slice_choice(names, chosen):
     return text
 
 
+
+def aims(cpu_runs, other_runs, layer_names):
+    """The speed aims against the runs: a fastest-epoch ratio at most 0.8 with
+    the CPU's own kernels in every run, the runs within 10% of each other, at
+    most 1.0 with any other kernels, 50% of the best matmul rate, and an
+    evaluation no slower than Keras's (from the layers runs)."""
+    cpu = [load(n) for n in cpu_runs]
+    ratios = [b["ratio_fastest_epochs"] for b in cpu]
+    kernels = cpu[0]["machine"]["blas_kernels"]
+    met = sum(r <= 0.8 for r in ratios)
+    keras = [b["keras"]["fastest_epoch_seconds"] for b in cpu]
+    numpy = [b["numpy"]["fastest_epoch_seconds"] for b in cpu]
+    shares = [100 * b["numpy_fraction_of_matmul_peak"] for b in cpu]
+    text = [f"With the {kernels} kernels the fastest-epoch ratios were "
+            + ", ".join(f"{r:.2f}x" for r in ratios)
+            + f": at most 0.8 in {met} of {len(ratios)} runs. The largest is "
+            f"{max(ratios) / min(ratios):.2f} times the smallest (the aim: within 10%, 1.10): "
+            f"Keras's fastest epochs took {min(keras):.2f} to {max(keras):.2f} s, the NumPy "
+            f"twin's {min(numpy):.2f} to {max(numpy):.2f} s. The NumPy twin ran at "
+            + ", ".join(f"{s:.1f}%" for s in shares)
+            + f" of the best matmul rate (the aim: 50%, met in {sum(s >= 50 for s in shares)} "
+            f"of {len(shares)})."]
+    for name in other_runs:
+        b = load(name)
+        text.append(f"With the {b['machine']['blas_kernels']} kernels: "
+                    f"{b['ratio_fastest_epochs']:.2f}x (the aim: at most 1.0).")
+    evals = []
+    for name in layer_names:
+        data = load(name)
+        row = next(r for r in data["rows"] if r["layer"].startswith("evaluate"))
+        evals.append(f"{row['numpy_ms']:.2f} against {row['keras_ms']:.2f} ms "
+                     f"({row['numpy_ms'] / row['keras_ms']:.2f}x) with the "
+                     f"{data['machine']['blas_kernels']} kernels")
+    text.append(f"An evaluation of {row['layer'].split()[-1]} images, NumPy against Keras: "
+                + "; ".join(evals) + " (the aim: at most 1.00x).")
+    return " ".join(text)
+
 # --- Agreement -----------------------------------------------------------------------------
 
 def agreement(name="agreement"):
