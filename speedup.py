@@ -1178,7 +1178,10 @@ def winograd_backward(droutes, tiles, kernel, x_shape, need_dx=True):
     F = kernel.shape[3]
     T, S = tiles.shape[3], tiles.shape[4]
     dtype = droutes.dtype
-    U_t = winograd_kernel(kernel).transpose(0, 2, 1)                     # (16, F, C)
+    # (16, F, C), copied into its own order: with the SkylakeX kernels a product
+    # with a transposed view of it took 0.66 ms for 64 images, with the copy 0.47
+    # (the Haswell kernels: about the same either way), and the numbers are the same.
+    U_t = np.ascontiguousarray(winograd_kernel(kernel).transpose(0, 2, 1))
     dU = np.zeros((16, C, F), np.result_type(tiles, dtype))
     dx = np.empty(x_shape, dtype) if need_dx else None
     for images, rows in _image_blocks(N, T * S):
