@@ -22,9 +22,10 @@ def load(name):
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-def machine(m, kernels=True):
+def machine(m, kernels=True, when=None):
     """One line: where and when the numbers were measured (kernels=False:
-    the table names each row's BLAS kernels itself)."""
+    the table names each row's BLAS kernels itself; when: said instead of
+    m's date, for a table from results of more than one day)."""
     names = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}
     blas = ", ".join(f"{names.get(b['internal_api'], b['internal_api'])} "
                      f"{'.'.join(b['version'].split('.')[:3])} "
@@ -32,7 +33,7 @@ def machine(m, kernels=True):
                      for b in m["blas"])
     keras = f", TensorFlow {m['tensorflow']} with Keras {m['keras']}" if m.get("tensorflow") \
         else ""
-    return (f"Measured on {m['date']}: {m['cpu']}, no GPU; Python {m['python']}, NumPy "
+    return (f"Measured on {when or m['date']}: {m['cpu']}, no GPU; Python {m['python']}, NumPy "
             f"{m['numpy']} with {blas}{keras}.")
 
 
@@ -375,7 +376,8 @@ def summary(default="default-runs", fashion="default-runs-fashion",
             other=("benchmark-haswell",)):
     """The README's one table: both twins' accuracy, speed and memory, from
     the default runs and the benchmark runs."""
-    runs, fashion_runs = load(default)["runs"], load(fashion)["runs"]
+    runs_file = load(default)
+    runs, fashion_runs = runs_file["runs"], load(fashion)["runs"]
     fast_b, other_b = [load(n) for n in fast], [load(n) for n in other]
 
     def span(values, fmt):
@@ -411,4 +413,15 @@ def summary(default="default-runs", fashion="default-runs-fashion",
     return (_table(header, rows) + f"\n\nThe default command ({first['epochs']} epochs on "
             f"{first['train_images']:,} training images; `benchmarks/default_runs.py`) and the "
             "benchmark's fastest epochs, both twins in the same run "
-            "(`benchmarks/benchmark.py`). " + machine(load(default)["machine"], kernels=False))
+            "(`benchmarks/benchmark.py`). " + machine(runs_file["machine"], kernels=False,
+                                                      when=_dates(runs_file, fast_b + other_b)))
+
+
+def _dates(default_file, benchmarks):
+    """When the summary's default runs and benchmarks were measured: one
+    date, or each part's where they differ."""
+    first = default_file["machine"]["date"]
+    later = sorted({b["machine"]["date"] for b in benchmarks})
+    if later == [first]:
+        return first
+    return f"{first} (default runs) and {', '.join(later)} (benchmarks)"
