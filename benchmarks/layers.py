@@ -2,6 +2,7 @@
 
     python benchmarks/layers.py              # a batch of 128, both twins, one table
     python benchmarks/layers.py --repeats 5  # quicker, noisier
+    python benchmarks/layers.py --blas-kernels cpu   # the kernels OpenBLAS picks for this CPU
 
 For a batch of 128 real MNIST images, times each layer's forward and
 backward pass in both twins: the NumPy twin's functions as training runs
@@ -20,6 +21,7 @@ step (the sum of its rows). docs/speed.md explains the big gaps.
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -271,22 +273,36 @@ def slice_sizes(x, y, sizes, repeats):
     return found
 
 
+_KERNELS_SET = "MNIST_TWINS_BLAS_KERNELS"   # set in the run that --blas-kernels started
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=common.HelpWithDefaults)
     p.add_argument("--repeats", type=common._positive(int), default=30,
                    help="runs of each measurement; the fastest is kept")
+    p.add_argument("--blas-kernels", default="as-set", metavar="KERNELS",
+                   help="as-set, cpu, or a kernel name such as Haswell or SkylakeX "
+                        "(as benchmark.py's)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write the figures to DIR/NAME.json, with the machine's")
     p.add_argument("--name", default="layers", help="the results file's name")
     args = p.parse_args(argv)
+    if args.blas_kernels != "as-set" and os.environ.get(_KERNELS_SET) != args.blas_kernels:
+        # OpenBLAS chose its kernels when NumPy loaded it, before this line ran:
+        # this script again, in a process whose environment asks for the others.
+        env = dict(machine.child_environment(args.blas_kernels),
+                   **{_KERNELS_SET: args.blas_kernels})
+        cmd = [sys.executable, str(Path(__file__).resolve())]
+        return subprocess.run(cmd + list(sys.argv[1:] if argv is None else argv),
+                              env=env).returncode
     (x, y), _ = data_utils.load_dataset("mnist", args.data_dir, progress=False)
     x, y = x[:128], y[:128]
     speedup.keep_freed_memory()                 # as training does (switched_on)
-    about = machine.machine()
+    about = machine.machine(args.blas_kernels)
     print(f"Timing each layer for a batch of {len(x)}, fastest of {args.repeats} runs "
-          f"(BLAS: {about['blas_kernels']} kernels; choose others with OPENBLAS_CORETYPE)...",
+          f"(BLAS: {about['blas_kernels']} kernels; choose others with --blas-kernels)...",
           flush=True)
     numpy = numpy_times(x, y, args.repeats)
     keras = keras_times(x, y, args.repeats)
