@@ -173,6 +173,9 @@ def keras_times(x, y, repeats):
     """The same rows for the Keras twin: each layer under tf.function."""
     keras, tf = common.import_keras()
     import mnist_cnn_keras as kt
+    # Each layer gets its own tf.function, traced once; TensorFlow counts
+    # the many first tracings as "retracing" and warns. Only that is hushed.
+    tf.get_logger().addFilter(lambda record: "tf.function retracing" not in record.getMessage())
     model = kt.build_model()
     kt.set_weights(model, common.initial_weights(kt.weight_shapes(model), 0))
     x = tf.constant(x)
