@@ -13,10 +13,16 @@ fill) and is not timed.
 What it leads with, and why: the ratio of the twins' *fastest* epochs. On a
 shared machine other tenants only ever add time, and they add far more to
 Keras's many small threaded operations than to the NumPy twin's few large
-ones; so medians move from run to run while the fastest epochs, what a
-quiet machine gives, hold still. Beside it: the ratio of the median epochs,
+ones; so medians move from run to run far more than the fastest epochs,
+what a quiet machine gives. Beside it: the ratio of the median epochs,
 and CPU seconds per training image (user + system time of each twin's
 process, which other tenants' load does not inflate as much as wall time).
+Why Keras is the one that moves: it counts each twin's context switches
+per training step, the times one of its threads went to sleep waiting for
+another (voluntary) or was put aside for another (involuntary). Each
+wake-up waits for the machine's scheduler, and on a shared virtual machine
+for its host's, so a twin that sleeps and wakes a hundred times a step
+feels a busy host far more than one that does so once or twice.
 It also records the CPU model and the BLAS library and kernels, measures
 NumPy's float32 matrix-multiply rate, and how much of it the NumPy twin
 achieves over an epoch (the network's multiply-adds, read off its model,
@@ -100,8 +106,9 @@ def _matmul_gflops(repeats=20):
 
 def run_twin(twin, args, out, epochs=None, lesson_alone=False):
     """Train one twin in a child process; return its report, its peak memory
-    (MB) and its CPU seconds (user + system). lesson_alone: the NumPy twin
-    without speedup.py's drop-ins (MNIST_TWINS_FAST=0)."""
+    (MB) and its resource usage (os.wait4's: CPU seconds in ru_utime +
+    ru_stime, context switches in ru_nvcsw and ru_nivcsw). lesson_alone: the
+    NumPy twin without speedup.py's drop-ins (MNIST_TWINS_FAST=0)."""
     cmd = [sys.executable, str(REPO / f"mnist_cnn_{twin}.py"), "--epochs",
            str(epochs or args.epochs), "--no-plots", "--seed", "0", "--out", str(out)]
     if args.train_limit:
@@ -113,7 +120,7 @@ def run_twin(twin, args, out, epochs=None, lesson_alone=False):
         env["MNIST_TWINS_FAST"] = "0"
     usage, peak_mb = run_script(cmd, REPO, out / f"{twin}.log", env)
     report = json.loads((out / f"{twin}.json").read_text())
-    return report, peak_mb, usage.ru_utime + usage.ru_stime
+    return report, peak_mb, usage
 
 
 def main(argv=None):
@@ -147,6 +154,7 @@ def main(argv=None):
     epochs = {"keras": [], "numpy": []}
     memory = {"keras": [], "numpy": []}
     cpu = {"keras": [], "numpy": []}
+    switches = {"keras": [], "numpy": []}   # (voluntary, involuntary) per run
     round_ratios = []       # NumPy / Keras within each round: runs next to each other in time
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,10 +166,11 @@ def main(argv=None):
             for twin in order:
                 print(f"Round {r + 1}/{args.rounds}: {twin} twin, {args.epochs} epochs...",
                       flush=True)
-                report, rss, seconds = run_twin(twin, args, Path(tmp))
+                report, rss, usage = run_twin(twin, args, Path(tmp))
                 epochs[twin] += report["epoch_seconds"][1:]        # skip the warm-up
                 memory[twin].append(rss)
-                cpu[twin].append(seconds)
+                cpu[twin].append(usage.ru_utime + usage.ru_stime)
+                switches[twin].append((usage.ru_nvcsw, usage.ru_nivcsw))
                 reports[twin] = report
             round_ratios.append(min(reports["numpy"]["epoch_seconds"][1:])
                                 / min(reports["keras"]["epoch_seconds"][1:]))
@@ -179,15 +188,20 @@ def main(argv=None):
                "settings": {"train_images": images, "batch_size": reports["numpy"]["batch_size"],
                             "epochs_per_run": args.epochs, "rounds": args.rounds},
                "matmul_gflops": matmul}
+    steps = args.epochs * -(-images // reports["numpy"]["batch_size"])   # per run
     for twin in ("keras", "numpy"):
         # CPU seconds per training image: each run's CPU time over the images
         # it trained on (all its epochs, warm-up included, and its start-up).
+        # Context switches per step likewise: start-up and validation included.
         per_image = statistics.median(c / (images * args.epochs) for c in cpu[twin])
+        per_step = {kind: statistics.median(run[i] / steps for run in switches[twin])
+                    for i, kind in enumerate(("voluntary", "involuntary"))}
         results[twin] = {"fastest_epoch_seconds": min(epochs[twin]),
                          "median_epoch_seconds": statistics.median(epochs[twin]),
                          "epoch_seconds": epochs[twin],
                          "images_per_second": images / min(epochs[twin]),
                          "cpu_ms_per_image": 1000 * per_image,
+                         "context_switches_per_step": per_step,
                          "peak_memory_mb": max(memory[twin]),
                          "test_accuracy": reports[twin]["test_accuracy"]}
     k, n = results["keras"], results["numpy"]
@@ -215,6 +229,10 @@ def main(argv=None):
         print(f"{label:<28} " + fmt.format(k[key]) + " " + fmt.format(n[key]))
     print(f"{'Test accuracy':<28} {100 * k['test_accuracy']:>9.2f}% "
           f"{100 * n['test_accuracy']:>9.2f}%")
+    for kind in ("voluntary", "involuntary"):
+        print(f"{'Context switches / step, ' + kind[:3] + '.':<28} "
+              f"{k['context_switches_per_step'][kind]:>10.1f} "
+              f"{n['context_switches_per_step'][kind]:>10.1f}")
     print(f"\nNumPy / Keras time per epoch: {ratio:.2f}x  (fastest epochs; trust this one)")
     print(f"  median epochs: {results['ratio_median_epochs']:.2f}x,  CPU time per image: "
           f"{results['ratio_cpu_per_image']:.2f}x")
@@ -222,7 +240,8 @@ def main(argv=None):
           + " ".join(f"{r:.2f}" for r in round_ratios))
     print(f"  ({images:,} training images, {args.epochs - 1} timed epochs x {args.rounds} runs "
           "per twin. Other tenants only add time, and to Keras's many small threaded\n"
-          "  operations far more than to NumPy's few large ones: the fastest epochs are what a "
+          "  operations, each a thread that sleeps and must be woken (the context switches "
+          "above),\n  far more than to NumPy's few large ones: the fastest epochs are what a "
           "quiet machine gives.)")
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)"
                      for b in results["machine"]["blas"])

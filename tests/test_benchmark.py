@@ -26,6 +26,10 @@ def test_benchmark_quick(real_data_dir, tmp_path):
         assert results["settings"]["train_images"] == 300
         assert r["images_per_second"] * r["fastest_epoch_seconds"] == pytest.approx(300)
         assert 0 < r["test_accuracy"] <= 1
+        # every twin sleeps at least once a step: waiting for its batch, its helper or its pool
+        assert r["context_switches_per_step"]["voluntary"] >= 1
+        assert r["context_switches_per_step"]["involuntary"] >= 0
+    assert "Context switches / step, vol." in proc.stdout
     assert results["ratio_fastest_epochs"] == (results["numpy"]["fastest_epoch_seconds"]
                                                / results["keras"]["fastest_epoch_seconds"])
     assert len(results["ratio_fastest_per_round"]) == 1 and "round by round:" in proc.stdout
