@@ -119,6 +119,21 @@ def benchmark_runs(names):
             + machine(load(names[0])["machine"], kernels=False))
 
 
+def context_switches(name="context-switches"):
+    """How often each twin's threads hand over to each other in a training
+    step, from one benchmark round (its counts, not its times, are quoted)."""
+    b = load(name)
+    k, n = (b[t]["context_switches_per_step"] for t in ("keras", "numpy"))
+    s = b["settings"]
+    return (f"Context switches per training step: Keras {k['voluntary']:.0f} voluntary + "
+            f"{k['involuntary']:.0f} involuntary, the NumPy twin {n['voluntary']:.1f} + "
+            f"{n['involuntary']:.1f} (its helper processes included), about "
+            f"{k['voluntary'] / n['voluntary']:.0f} times fewer sleeps and wake-ups. Each twin's "
+            f"totals over a run of {s['epochs_per_run']} epochs on {s['train_images']:,} images "
+            f"(start-up and validation included) over its steps; one round of "
+            f"`benchmarks/benchmark.py`. {machine(b['machine'])}")
+
+
 # --- Layers ------------------------------------------------------------------------------
 
 def layers(name):

@@ -12,7 +12,7 @@ import compare
 import mnist_cnn_numpy as nt
 
 
-def test_benchmark_quick(real_data_dir, tmp_path):
+def test_benchmark_quick(real_data_dir, tmp_path, monkeypatch):
     env = dict(os.environ, MNIST_DATA_DIR=str(real_data_dir))
     proc = subprocess.run([sys.executable, "benchmarks/benchmark.py", "--quick", "--out", tmp_path],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -37,6 +37,13 @@ def test_benchmark_quick(real_data_dir, tmp_path):
     assert results["machine"]["blas"][0]["architecture"] and "BLAS: " in proc.stdout
     assert results["machine"]["cpu"] and "CPU: " in proc.stdout
     assert 0 < results["numpy_fraction_of_matmul_peak"] < 1
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tables
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    line = tables.context_switches("benchmark")
+    keras_sleeps = results["keras"]["context_switches_per_step"]["voluntary"]
+    assert line.startswith(f"Context switches per training step: Keras {keras_sleeps:.0f} ")
+    assert "a run of 2 epochs on 300 images" in line and results["machine"]["cpu"] in line
 
 
 def test_blas_kernels_reach_the_twins():
