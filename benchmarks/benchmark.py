@@ -154,7 +154,7 @@ def main(argv=None):
     epochs = {"keras": [], "numpy": []}
     memory = {"keras": [], "numpy": []}
     cpu = {"keras": [], "numpy": []}
-    switches = {"keras": [], "numpy": []}   # (voluntary, involuntary) per run
+    switches = {"keras": [], "numpy": []}   # {"voluntary": n, "involuntary": n} per run
     round_ratios = []       # NumPy / Keras within each round: runs next to each other in time
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +170,8 @@ def main(argv=None):
                 epochs[twin] += report["epoch_seconds"][1:]        # skip the warm-up
                 memory[twin].append(rss)
                 cpu[twin].append(usage.ru_utime + usage.ru_stime)
-                switches[twin].append((usage.ru_nvcsw, usage.ru_nivcsw))
+                switches[twin].append({"voluntary": usage.ru_nvcsw,
+                                       "involuntary": usage.ru_nivcsw})
                 reports[twin] = report
             round_ratios.append(min(reports["numpy"]["epoch_seconds"][1:])
                                 / min(reports["keras"]["epoch_seconds"][1:]))
@@ -194,8 +195,8 @@ def main(argv=None):
         # it trained on (all its epochs, warm-up included, and its start-up).
         # Context switches per step likewise: start-up and validation included.
         per_image = statistics.median(c / (images * args.epochs) for c in cpu[twin])
-        per_step = {kind: statistics.median(run[i] / steps for run in switches[twin])
-                    for i, kind in enumerate(("voluntary", "involuntary"))}
+        per_step = {kind: statistics.median(run[kind] / steps for run in switches[twin])
+                    for kind in ("voluntary", "involuntary")}
         results[twin] = {"fastest_epoch_seconds": min(epochs[twin]),
                          "median_epoch_seconds": statistics.median(epochs[twin]),
                          "epoch_seconds": epochs[twin],

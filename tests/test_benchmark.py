@@ -28,7 +28,7 @@ def test_benchmark_quick(real_data_dir, tmp_path, monkeypatch):
         assert 0 < r["test_accuracy"] <= 1
         # every twin sleeps at least once a step: waiting for its batch, its helper or its pool
         assert r["context_switches_per_step"]["voluntary"] >= 1
-        assert r["context_switches_per_step"]["involuntary"] >= 0
+        assert set(r["context_switches_per_step"]) == {"voluntary", "involuntary"}
     assert "Context switches / step, vol." in proc.stdout
     assert results["ratio_fastest_epochs"] == (results["numpy"]["fastest_epoch_seconds"]
                                                / results["keras"]["fastest_epoch_seconds"])
