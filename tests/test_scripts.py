@@ -4,6 +4,7 @@ twins, and every kind of bad input."""
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 import re
 import subprocess
 import sys
@@ -162,7 +163,6 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("twin", TWINS)
 def test_bad_input(twin, real_data_dir, tmp_path):
     """One clear message, a non-zero exit, no traceback, nothing written."""
-    out = tmp_path / "out"
     cases = [(flags, msg, 2) for flags, msg in BAD_FLAGS]
     for path, msg in bad_weights(tmp_path).values():
         cases.append((["--load-weights", path, "--eval-only"], msg, 1))
@@ -172,9 +172,18 @@ def test_bad_input(twin, real_data_dir, tmp_path):
     # A learning rate that makes the weights blow up: stopped, nothing written.
     cases.append((["--lr", "1e30", "--train-limit", "300", "--epochs", "1", "--no-plots"],
                   "is probably too large: try a smaller one, e.g. --lr 1e+29", 1))
-    for flags, message, code in cases:
-        proc = run(twin, *flags, "--out", out, data_dir=real_data_dir) if "--out" not in flags \
-            else run(twin, *flags, data_dir=real_data_dir)
+    # Each case in a process of its own, two at a time (most of a Keras case is
+    # TensorFlow's import, on one core), each with an --out folder of its own.
+    outs = [tmp_path / f"out{i}" for i in range(len(cases))]
+
+    def run_case(i):
+        flags = cases[i][0]
+        extra = [] if "--out" in flags else ["--out", outs[i]]
+        return run(twin, *flags, *extra, data_dir=real_data_dir)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(run_case, range(len(cases))))
+    for (flags, message, code), proc, out in zip(cases, procs, outs):
         assert proc.returncode == code, (flags, proc.stderr)
         assert message in proc.stderr, (flags, proc.stderr)
         assert "Traceback" not in proc.stderr, (flags, proc.stderr)
@@ -182,6 +191,7 @@ def test_bad_input(twin, real_data_dir, tmp_path):
             assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, \
                 (flags, proc.stderr)
         assert not out.exists() or not any(out.iterdir()), flags
+    assert blocker.is_file() and blocker.read_text() == ""
 
 
 @pytest.mark.parametrize("script", ["mnist_cnn_keras.py", "mnist_cnn_numpy.py", "draw.py",
