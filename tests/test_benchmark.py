@@ -11,6 +11,10 @@ from conftest import REPO
 import compare
 import mnist_cnn_numpy as nt
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import benchmark  # noqa: E402
+import tables  # noqa: E402
+
 
 def test_benchmark_quick(real_data_dir, tmp_path, monkeypatch):
     env = dict(os.environ, MNIST_DATA_DIR=str(real_data_dir))
@@ -37,8 +41,6 @@ def test_benchmark_quick(real_data_dir, tmp_path, monkeypatch):
     assert results["machine"]["blas"][0]["architecture"] and "BLAS: " in proc.stdout
     assert results["machine"]["cpu"] and "CPU: " in proc.stdout
     assert 0 < results["numpy_fraction_of_matmul_peak"] < 1
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import tables
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     line = tables.context_switches("benchmark")
     keras_sleeps = results["keras"]["context_switches_per_step"]["voluntary"]
@@ -48,8 +50,6 @@ def test_benchmark_quick(real_data_dir, tmp_path, monkeypatch):
 
 def test_blas_kernels_reach_the_twins():
     """--blas-kernels sets or removes OPENBLAS_CORETYPE for the children."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import benchmark
     assert "OPENBLAS_CORETYPE" not in benchmark.child_environment("cpu")
     assert benchmark.child_environment("SkylakeX")["OPENBLAS_CORETYPE"] == "SkylakeX"
     assert benchmark.blas_info("Haswell")[0]["architecture"] == "Haswell"
@@ -85,8 +85,6 @@ def test_default_runs_and_their_table(real_data_dir, tmp_path, monkeypatch):
         ("numpy", "keras"), ("keras", "numpy")}
     for c in data["cross"]:
         assert abs(c["test_accuracy"] - c["trainer_accuracy"]) <= 2e-4
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import tables
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     table = tables.default_runs("quick")
     keras_run = data["runs"][0]

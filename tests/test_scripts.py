@@ -4,10 +4,10 @@ twins, and every kind of bad input."""
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -176,13 +176,12 @@ def test_bad_input(twin, real_data_dir, tmp_path):
     # TensorFlow's import, on one core), each with an --out folder of its own.
     outs = [tmp_path / f"out{i}" for i in range(len(cases))]
 
-    def run_case(i):
-        flags = cases[i][0]
-        extra = [] if "--out" in flags else ["--out", outs[i]]
+    def run_case(flags, out):
+        extra = [] if "--out" in flags else ["--out", out]
         return run(twin, *flags, *extra, data_dir=real_data_dir)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = list(pool.map(run_case, range(len(cases))))
+        procs = list(pool.map(run_case, [flags for flags, _, _ in cases], outs))
     for (flags, message, code), proc, out in zip(cases, procs, outs):
         assert proc.returncode == code, (flags, proc.stderr)
         assert message in proc.stderr, (flags, proc.stderr)
