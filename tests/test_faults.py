@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +74,21 @@ def test_every_damaged_or_hostile_weights_file_gets_one_message(tmp_path):
 @pytest.mark.parametrize("twin", ["numpy", "keras"])
 def test_hostile_weights_on_the_command_line(twin, tmp_path, real_data_dir):
     _, files = faults.hostile_weights(tmp_path)
-    out = tmp_path / "out"
-    for case in ("one byte flipped", "a plain .npy", "declares a 3.6 GB array (60 kB file)",
-                 "float64 values beyond float32"):
-        path, words = files[case]
-        proc = run(twin, "--load-weights", path, "--eval-only", "--out", out,
+    cases = ("one byte flipped", "a plain .npy", "declares a 3.6 GB array (60 kB file)",
+             "float64 values beyond float32")
+    # Two processes at a time (most of a Keras run is TensorFlow's import, on
+    # one core), each with an --out folder of its own.
+    outs = [tmp_path / f"out{i}" for i in range(len(cases))]
+
+    def run_case(case, out):
+        return run(twin, "--load-weights", files[case][0], "--eval-only", "--out", out,
                    data_dir=real_data_dir)
-        assert words in one_message(proc), case
-        assert not out.exists() or not any(out.iterdir())
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(run_case, cases, outs))
+    for case, proc, out in zip(cases, procs, outs):
+        assert files[case][1] in one_message(proc), case
+        assert not out.exists() or not any(out.iterdir()), case
 
 
 # --- Results: written as a set, or not at all -------------------------------------
