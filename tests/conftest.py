@@ -1,11 +1,15 @@
-"""Shared test fixtures: the real datasets, and a real HTTP server on 127.0.0.1."""
+"""Shared test fixtures: the real datasets, a twin's script run as a learner
+runs it, and a real HTTP server on 127.0.0.1."""
 
 import http.server
+import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,29 @@ sys.path.insert(0, str(REPO))
 # and an ignored signal stays ignored in every child process, where Ctrl-C
 # would then do nothing; a handler is reset to the default in a child instead.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+SCRIPT = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
+
+
+def run_twin(twin, *args, data_dir):
+    """One twin's script with these flags, on data_dir's data: its finished process."""
+    return subprocess.run([sys.executable, SCRIPT[twin], *map(str, args)], cwd=REPO,
+                          env=dict(os.environ, MNIST_DATA_DIR=str(data_dir)),
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_twin_cases(twin, flag_lists, folder, data_dir):
+    """Each list of flags in a process of its own, two at a time (most of a
+    Keras run is TensorFlow's import, on one core), each with an --out folder
+    of its own under folder unless its flags name one: [(process, out folder)]."""
+    outs = [folder / f"out{i}" for i in range(len(flag_lists))]
+
+    def one(flags, out):
+        extra = [] if "--out" in flags else ["--out", out]
+        return run_twin(twin, *flags, *extra, data_dir=data_dir)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(zip(pool.map(one, flag_lists, outs), outs))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +17,11 @@ import pytest
 
 import data_utils
 import mnist_cnn_numpy as nt
-from conftest import REPO
+from conftest import REPO, SCRIPT, run_twin, run_twin_cases
 from helpers import common
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import faults  # noqa: E402
-
-SCRIPT = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
-
-
-def run(twin, *args, data_dir, **env):
-    return subprocess.run([sys.executable, SCRIPT[twin], *map(str, args)], cwd=REPO,
-                          env=dict(os.environ, MNIST_DATA_DIR=str(data_dir), **env),
-                          capture_output=True, text=True, timeout=600)
-
 
 def snapshot(folder):
     """{name: bytes} of every file in folder (hidden ones too)."""
@@ -52,8 +42,8 @@ def one_message(proc, code=1):
 def previous(real_data_dir, tmp_path_factory):
     """A folder holding a NumPy twin's complete results, as a run left them."""
     out = tmp_path_factory.mktemp("previous")
-    proc = run("numpy", "--train-limit", 200, "--epochs", 1, "--out", out,
-               data_dir=real_data_dir)
+    proc = run_twin("numpy", "--train-limit", 200, "--epochs", 1, "--out", out,
+                    data_dir=real_data_dir)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -76,17 +66,9 @@ def test_hostile_weights_on_the_command_line(twin, tmp_path, real_data_dir):
     _, files = faults.hostile_weights(tmp_path)
     cases = ("one byte flipped", "a plain .npy", "declares a 3.6 GB array (60 kB file)",
              "float64 values beyond float32")
-    # Two processes at a time (most of a Keras run is TensorFlow's import, on
-    # one core), each with an --out folder of its own.
-    outs = [tmp_path / f"out{i}" for i in range(len(cases))]
-
-    def run_case(case, out):
-        return run(twin, "--load-weights", files[case][0], "--eval-only", "--out", out,
-                   data_dir=real_data_dir)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = list(pool.map(run_case, cases, outs))
-    for case, proc, out in zip(cases, procs, outs):
+    runs = run_twin_cases(twin, [["--load-weights", files[case][0], "--eval-only"]
+                                 for case in cases], tmp_path, real_data_dir)
+    for case, (proc, out) in zip(cases, runs):
         assert files[case][1] in one_message(proc), case
         assert not out.exists() or not any(out.iterdir()), case
 
@@ -144,8 +126,8 @@ def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path, real_data_dir):
 
 def test_results_of_another_dataset_are_never_overwritten(previous, tmp_path, real_data_dir):
     before = snapshot(previous)
-    proc = run("numpy", "--dataset", "fashion", "--train-limit", "100", "--epochs", 1,
-               "--out", previous, data_dir=real_data_dir)
+    proc = run_twin("numpy", "--dataset", "fashion", "--train-limit", "100", "--epochs", 1,
+                    "--out", previous, data_dir=real_data_dir)
     message = one_message(proc)
     assert "holds the results of a run on mnist; this run is on fashion" in message
     assert snapshot(previous) == before
@@ -153,8 +135,8 @@ def test_results_of_another_dataset_are_never_overwritten(previous, tmp_path, re
 
 
 def test_a_run_that_did_not_learn_says_so(tmp_path, real_data_dir):
-    proc = run("numpy", "--lr", "50", "--train-limit", "2000", "--epochs", 1, "--no-plots",
-               "--out", tmp_path / "out", data_dir=real_data_dir)
+    proc = run_twin("numpy", "--lr", "50", "--train-limit", "2000", "--epochs", 1, "--no-plots",
+                    "--out", tmp_path / "out", data_dir=real_data_dir)
     message = one_message(proc)
     assert "did not learn" in message and "--lr 50" in message and "Nothing was written" in message
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -7,26 +7,19 @@ import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from helpers import common
 import mnist_cnn_numpy as nt
-from conftest import REPO
+from conftest import REPO, run_twin, run_twin_cases
 
 TWINS = ["keras", "numpy"]
-SCRIPT = {"keras": "mnist_cnn_keras.py", "numpy": "mnist_cnn_numpy.py"}
 REPORT_KEYS = {"implementation", "dataset", "network", "epochs", "batch_size", "learning_rate",
                "seed", "train_images", "params", "test_accuracy", "test_loss",
                "train_seconds", "epoch_seconds", "history"}
 
-
-def run(twin, *args, data_dir):
-    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir))
-    return subprocess.run([sys.executable, SCRIPT[twin], *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +35,8 @@ def trained(real_data_dir, tmp_path_factory):
     runs = {}
     for twin in TWINS:
         out = tmp_path_factory.mktemp(twin)
-        runs[twin] = (run(twin, "--train-limit", 300, "--epochs", 1, "--seed", 3,
-                          "--out", out, "--predict", digit, data_dir=real_data_dir), out)
+        runs[twin] = (run_twin(twin, "--train-limit", 300, "--epochs", 1, "--seed", 3,
+                               "--out", out, "--predict", digit, data_dir=real_data_dir), out)
     return runs
 
 
@@ -102,8 +95,8 @@ def test_same_start_same_batches(trained):
 def test_reload_and_swap_weights(trained, real_data_dir, tmp_path, writer, loader):
     """Weights written by either twin, evaluated by either twin: same accuracy."""
     weights = trained[writer][1] / f"{writer}.weights.npz"
-    proc = run(loader, "--load-weights", weights, "--eval-only", "--no-plots",
-               "--out", tmp_path, data_dir=real_data_dir)
+    proc = run_twin(loader, "--load-weights", weights, "--eval-only", "--no-plots",
+                    "--out", tmp_path, data_dir=real_data_dir)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / f"{loader}.eval.json").read_text())
     original = json.loads((trained[writer][1] / f"{writer}.json").read_text())
@@ -172,17 +165,8 @@ def test_bad_input(twin, real_data_dir, tmp_path):
     # A learning rate that makes the weights blow up: stopped, nothing written.
     cases.append((["--lr", "1e30", "--train-limit", "300", "--epochs", "1", "--no-plots"],
                   "is probably too large: try a smaller one, e.g. --lr 1e+29", 1))
-    # Each case in a process of its own, two at a time (most of a Keras case is
-    # TensorFlow's import, on one core), each with an --out folder of its own.
-    outs = [tmp_path / f"out{i}" for i in range(len(cases))]
-
-    def run_case(flags, out):
-        extra = [] if "--out" in flags else ["--out", out]
-        return run(twin, *flags, *extra, data_dir=real_data_dir)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = list(pool.map(run_case, [flags for flags, _, _ in cases], outs))
-    for (flags, message, code), proc, out in zip(cases, procs, outs):
+    runs = run_twin_cases(twin, [flags for flags, _, _ in cases], tmp_path, real_data_dir)
+    for (flags, message, code), (proc, out) in zip(cases, runs):
         assert proc.returncode == code, (flags, proc.stderr)
         assert message in proc.stderr, (flags, proc.stderr)
         assert "Traceback" not in proc.stderr, (flags, proc.stderr)
