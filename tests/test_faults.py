@@ -23,6 +23,7 @@ from helpers import common
 sys.path.insert(0, str(REPO / "benchmarks"))
 import faults  # noqa: E402
 
+
 def snapshot(folder):
     """{name: bytes} of every file in folder (hidden ones too)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes()

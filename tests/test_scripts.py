@@ -21,7 +21,6 @@ REPORT_KEYS = {"implementation", "dataset", "network", "epochs", "batch_size", "
                "train_seconds", "epoch_seconds", "history"}
 
 
-
 @pytest.fixture(scope="module")
 def trained(real_data_dir, tmp_path_factory):
     """One short training run of each twin: {twin: (completed process, out dir)}."""
